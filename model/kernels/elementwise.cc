@@ -1,0 +1,114 @@
+#include "model/kernels/elementwise.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "model/dtype.h"
+
+namespace strata::model {
+namespace {
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluCubic = 0.044715f;
+}  // namespace
+
+template <typename T>
+void EmbeddingForward(float* out, const int32_t* tokens, const T* wte, const T* wpe, int b, int t,
+                      int c) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < static_cast<int64_t>(b) * t; ++r) {
+    const int pos = static_cast<int>(r % t);
+    const T* we = wte + static_cast<int64_t>(tokens[r]) * c;
+    const T* pe = wpe + static_cast<int64_t>(pos) * c;
+    float* o = out + r * c;
+    for (int j = 0; j < c; ++j) o[j] = ToFloat(we[j]) + ToFloat(pe[j]);
+  }
+}
+
+void EmbeddingBackward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int b,
+                       int t, int c, int /*vocab*/) {
+  // Threads own disjoint channel ranges, so repeated tokens never race and the summation order
+  // is fixed.
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int j0 = static_cast<int>(static_cast<int64_t>(c) * tid / nt);
+    const int j1 = static_cast<int>(static_cast<int64_t>(c) * (tid + 1) / nt);
+    for (int64_t r = 0; r < static_cast<int64_t>(b) * t; ++r) {
+      const float* g = dout + r * c;
+      float* we = dwte + static_cast<int64_t>(tokens[r]) * c;
+      float* pe = dwpe + (r % t) * c;
+      for (int j = j0; j < j1; ++j) {
+        we[j] += g[j];
+        pe[j] += g[j];
+      }
+    }
+  }
+}
+
+template <typename T>
+void GeluForward(T* out, const T* inp, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = ToFloat(inp[i]);
+    const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+    out[i] = FromFloat<T>(0.5f * x * (1.f + std::tanh(u)));
+  }
+}
+
+template <typename T>
+void GeluBackward(T* dinp, const T* inp, const T* dout, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = ToFloat(inp[i]);
+    const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+    const float th = std::tanh(u);
+    const float sech2 = 1.f - th * th;
+    const float local =
+        0.5f * (1.f + th) + 0.5f * x * sech2 * kGeluScale * (1.f + 3.f * kGeluCubic * x * x);
+    dinp[i] = FromFloat<T>(local * ToFloat(dout[i]));
+  }
+}
+
+template <typename T>
+void ResidualForward(float* out, const float* a, const T* b, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + ToFloat(b[i]);
+}
+
+template <typename T>
+void CastFromFloat(T* dst, const float* src, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (dst != src) std::copy(src, src + n, dst);
+  } else {
+    constexpr int64_t kChunk = 1 << 14;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i += kChunk) {
+      ConvertFromFloat(dst + i, src + i, static_cast<size_t>(std::min(kChunk, n - i)));
+    }
+  }
+}
+
+template <typename T>
+void AddBias(T* x, const T* bias, int64_t n, int c) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int j = 0; j < c; ++j) x[i * c + j] = FromFloat<T>(ToFloat(x[i * c + j]) + ToFloat(bias[j]));
+  }
+}
+
+#define STRATA_INSTANTIATE(T)                                                                  \
+  template void EmbeddingForward<T>(float*, const int32_t*, const T*, const T*, int, int, int); \
+  template void GeluForward<T>(T*, const T*, int64_t);                                         \
+  template void GeluBackward<T>(T*, const T*, const T*, int64_t);                              \
+  template void ResidualForward<T>(float*, const float*, const T*, int64_t);                   \
+  template void CastFromFloat<T>(T*, const float*, int64_t);                                   \
+  template void AddBias<T>(T*, const T*, int64_t, int);
+STRATA_INSTANTIATE(float)
+STRATA_INSTANTIATE(bf16)
+STRATA_INSTANTIATE(f16)
+#undef STRATA_INSTANTIATE
+
+}  // namespace strata::model

@@ -1,0 +1,153 @@
+#include "worker/trainer.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "common/logging.h"
+#include "model/cpu_info.h"
+
+namespace strata::worker {
+
+model::GptConfig GptConfigFromSpec(const proto::JobSpec& spec) {
+  model::GptConfig c;
+  c.vocab_size = spec.model().vocab_size();
+  c.max_seq_len = spec.model().max_seq_len();
+  c.layers = spec.model().layers();
+  c.heads = spec.model().heads();
+  c.channels = spec.model().d_model();
+  c.recompute = spec.model().recompute();
+  return c;
+}
+
+Trainer::Trainer(const proto::JobSpec& spec, const TrainOptions& options, Dataset data)
+    : spec_(spec), options_(options), data_(std::move(data)) {}
+
+Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
+                                                 const TrainOptions& options) {
+  const model::GptConfig cfg = GptConfigFromSpec(spec);
+  RETURN_IF_ERROR(cfg.Validate());
+  ASSIGN_OR_RETURN(model::DType dtype, model::ParseDType(spec.train().precision()));
+  ASSIGN_OR_RETURN(Dataset data, Dataset::Open(spec.data(), cfg.vocab_size, spec.model().seq_len()));
+  std::unique_ptr<Trainer> t(new Trainer(spec, options, std::move(data)));
+  model::SetNumThreads(options.threads >= 0 ? options.threads : spec.resources().threads());
+  t->micro_ = spec.train().micro_batch();
+  t->accum_ = spec.train().global_batch() / t->micro_;
+  t->seq_ = spec.model().seq_len();
+  ASSIGN_OR_RETURN(t->model_, model::Gpt::Create(cfg, dtype, t->micro_, t->seq_));
+  t->model_->InitWeights(spec.train().seed());
+  model::AdamWConfig ac;
+  ac.beta1 = static_cast<float>(spec.train().beta1());
+  ac.beta2 = static_cast<float>(spec.train().beta2());
+  ac.eps = static_cast<float>(spec.train().eps());
+  ac.weight_decay = static_cast<float>(spec.train().weight_decay());
+  t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), t->model_->num_params(), ac);
+  t->fp16_ = dtype == model::DType::kF16;
+  t->total_steps_ = spec.train().steps();
+  if (options.max_steps >= 0 && options.max_steps < t->total_steps_) {
+    t->total_steps_ = options.max_steps;
+  }
+  t->inputs_.resize(static_cast<size_t>(t->micro_) * t->seq_);
+  t->targets_.resize(t->inputs_.size());
+  // Training FLOPs per token: 6 per parameter (fwd + bwd) plus attention scores, as in PaLM.
+  t->flops_per_token_ = 6.0 * static_cast<double>(cfg.NumParameters()) +
+                        12.0 * cfg.layers * cfg.channels * t->seq_;
+  t->peak_flops_ = model::MeasuredGemmFlops();
+  return t;
+}
+
+int64_t Trainer::FirstSample(int64_t step, int micro) const {
+  return step * spec_.train().global_batch() + static_cast<int64_t>(micro) * micro_;
+}
+
+StepStats Trainer::Step() {
+  const auto t0 = std::chrono::steady_clock::now();
+  StepStats st;
+  st.step = step_;
+  st.loss_scale = fp16_ ? scaler_.scale() : 1.f;
+  model_->ZeroGrad();
+  const float dloss = st.loss_scale / (static_cast<float>(micro_) * seq_ * accum_);
+  double loss_sum = 0.0;
+  for (int m = 0; m < accum_; ++m) {
+    data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
+                     targets_.data());
+    loss_sum += model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
+    model_->Backward();
+  }
+  st.loss = static_cast<float>(loss_sum / accum_);
+  const int64_t n = model_->num_params();
+  float* g = model_->grads();
+  if (st.loss_scale != 1.f) model::Scale(g, n, 1.f / st.loss_scale);
+  const double norm = std::sqrt(model::SumOfSquares(g, n));
+  st.grad_norm = static_cast<float>(norm);
+  const bool finite = std::isfinite(norm);
+  st.applied = fp16_ ? scaler_.Update(finite) : finite;
+  st.lr = model::LearningRate(step_, spec_.train().steps(), spec_.train().warmup(),
+                              static_cast<float>(spec_.train().lr()),
+                              static_cast<float>(spec_.train().min_lr()));
+  if (st.applied) {
+    const double clip = spec_.train().grad_clip();
+    if (clip > 0) {
+      const double coef = clip / (norm + 1e-6);
+      if (coef < 1.0) model::Scale(g, n, static_cast<float>(coef));
+    }
+    adam_->Update(model_->params(), g, st.lr, ++opt_step_);
+    model_->RefreshComputeWeights();
+  } else if (!fp16_) {
+    spdlog::warn("step {}: non-finite gradient norm; update skipped", step_);
+  }
+  ++step_;
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
+  st.tokens_per_second = tokens / st.seconds;
+  st.mfu = st.tokens_per_second * flops_per_token_ / peak_flops_;
+  return st;
+}
+
+float Trainer::EvalLoss() {
+  const int batches = spec_.eval().batches();
+  double sum = 0.0;
+  for (int i = 0; i < batches; ++i) {
+    data_.ValBatch(static_cast<int64_t>(i) * micro_, micro_, inputs_.data(), targets_.data());
+    sum += model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, 0.f);
+  }
+  return static_cast<float>(sum / batches);
+}
+
+TrainSummary Trainer::Run(const std::atomic<bool>* stop) {
+  TrainSummary sum;
+  const auto t0 = std::chrono::steady_clock::now();
+  double timed_tokens = 0.0, timed_seconds = 0.0;
+  const int log_every = std::max(1, spec_.train().log_every());
+  const int eval_every = spec_.eval().every();
+  while (step_ < total_steps_) {
+    if (stop != nullptr && stop->load()) {
+      sum.interrupted = true;
+      break;
+    }
+    const StepStats st = Step();
+    if (sum.steps == 0) sum.first_loss = st.loss;
+    sum.last_loss = st.loss;
+    ++sum.steps;
+    if (sum.steps > 1) {  // the first step includes warm-up costs (page faults, BLAS buffers)
+      timed_tokens += st.tokens_per_second * st.seconds;
+      timed_seconds += st.seconds;
+    }
+    if (options_.log_steps && (st.step % log_every == 0 || step_ == total_steps_)) {
+      spdlog::info("step {:>5}/{} | loss {:.4f} | lr {:.3e} | grad-norm {:.3f}{} | {:.0f} tok/s | "
+                   "MFU {:.1f}%{}",
+                   st.step + 1, total_steps_, st.loss, st.lr, st.grad_norm,
+                   fp16_ ? fmt::format(" | scale {:g}", st.loss_scale) : std::string(),
+                   st.tokens_per_second, 100.0 * st.mfu, st.applied ? "" : " | SKIPPED (overflow)");
+    }
+    if (eval_every > 0 && (step_ % eval_every == 0 || step_ == total_steps_)) {
+      sum.last_val_loss = EvalLoss();
+      spdlog::info("step {:>5}/{} | val loss {:.4f}", step_, total_steps_, sum.last_val_loss);
+    }
+  }
+  sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  sum.tokens_per_second = timed_seconds > 0 ? timed_tokens / timed_seconds : 0.0;
+  sum.skipped_steps = scaler_.skipped();
+  return sum;
+}
+
+}  // namespace strata::worker

@@ -1,0 +1,89 @@
+// The single-process trainer: data -> micro-batches -> forward/backward -> clipping -> AdamW,
+// with periodic validation and one log line per step. It is the one-process case of the later
+// distributed engine.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "model/gpt.h"
+#include "model/optimizer.h"
+#include "proto/job.pb.h"
+#include "worker/data.h"
+
+namespace strata::worker {
+
+struct TrainOptions {
+  int64_t max_steps = -1;  // stop after this many steps (< 0: train.steps)
+  int threads = -1;        // overrides resources.threads when >= 0
+  bool log_steps = true;   // one log line per step (every train.log_every)
+};
+
+struct StepStats {
+  int64_t step = 0;  // 0-based index of the step just taken
+  float loss = 0.f;
+  float lr = 0.f;
+  float grad_norm = 0.f;  // before clipping
+  bool applied = true;    // false when fp16 overflow skipped the update
+  float loss_scale = 1.f;
+  double seconds = 0.0;
+  double tokens_per_second = 0.0;
+  double mfu = 0.0;  // fraction of the measured GEMM rate
+};
+
+struct TrainSummary {
+  int64_t steps = 0;
+  float first_loss = 0.f;
+  float last_loss = 0.f;
+  float last_val_loss = -1.f;  // < 0 when no validation ran
+  double tokens_per_second = 0.0;  // mean over steps after the first
+  double seconds = 0.0;
+  int64_t skipped_steps = 0;
+  bool interrupted = false;
+};
+
+// Model config from a defaulted, validated spec.
+model::GptConfig GptConfigFromSpec(const proto::JobSpec& spec);
+
+class Trainer {
+ public:
+  // Builds the model, optimizer and data from a validated spec; initialises weights from
+  // train.seed. INVALID_ARGUMENT / NOT_FOUND for bad specs or data.
+  static Result<std::unique_ptr<Trainer>> Create(const proto::JobSpec& spec,
+                                                 const TrainOptions& options);
+
+  // One optimizer step over global_batch samples.
+  StepStats Step();
+  // Mean loss over eval.batches validation micro-batches.
+  float EvalLoss();
+  // Steps until train.steps (or options.max_steps) or until *stop becomes true.
+  TrainSummary Run(const std::atomic<bool>* stop);
+
+  model::Gpt& model() { return *model_; }
+  const Dataset& data() const { return data_; }
+  int64_t step() const { return step_; }
+  int64_t total_steps() const { return total_steps_; }
+  // Global sample index of the first sample of micro-batch `micro` of step `step`.
+  int64_t FirstSample(int64_t step, int micro) const;
+
+ private:
+  Trainer(const proto::JobSpec& spec, const TrainOptions& options, Dataset data);
+
+  proto::JobSpec spec_;
+  TrainOptions options_;
+  Dataset data_;
+  std::unique_ptr<model::Gpt> model_;
+  std::unique_ptr<model::AdamW> adam_;
+  model::LossScaler scaler_;
+  bool fp16_ = false;
+  int micro_ = 0, accum_ = 0, seq_ = 0;
+  int64_t step_ = 0, opt_step_ = 0, total_steps_ = 0;
+  double flops_per_token_ = 0.0, peak_flops_ = 0.0;
+  std::vector<int32_t> inputs_, targets_;
+};
+
+}  // namespace strata::worker
