@@ -62,7 +62,9 @@ class [[nodiscard]] Status {
   std::shared_ptr<const State> state_;
 };
 
-inline Status InvalidArgument(std::string m) { return {StatusCode::kInvalidArgument, std::move(m)}; }
+inline Status InvalidArgument(std::string m) {
+  return {StatusCode::kInvalidArgument, std::move(m)};
+}
 inline Status NotFound(std::string m) { return {StatusCode::kNotFound, std::move(m)}; }
 inline Status FailedPrecondition(std::string m) {
   return {StatusCode::kFailedPrecondition, std::move(m)};
@@ -78,7 +80,7 @@ inline Status Cancelled(std::string m) { return {StatusCode::kCancelled, std::mo
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}         // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {  // NOLINT: implicit by design
     if (status_.ok()) status_ = Internal("Result constructed from an OK Status without a value");
   }
@@ -105,10 +107,10 @@ class [[nodiscard]] Result {
 #define STRATA_CONCAT_INNER(a, b) a##b
 #define STRATA_CONCAT(a, b) STRATA_CONCAT_INNER(a, b)
 
-#define RETURN_IF_ERROR(expr)                   \
-  do {                                          \
-    ::strata::Status _st = (expr);              \
-    if (!_st.ok()) return _st;                  \
+#define RETURN_IF_ERROR(expr)      \
+  do {                             \
+    ::strata::Status _st = (expr); \
+    if (!_st.ok()) return _st;     \
   } while (0)
 
 #define ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
@@ -119,12 +121,12 @@ class [[nodiscard]] Result {
 #define ASSIGN_OR_RETURN(lhs, expr) \
   ASSIGN_OR_RETURN_IMPL(STRATA_CONCAT(_result_, __LINE__), lhs, expr)
 
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) ::strata::CheckFailed(__FILE__, __LINE__, #cond, "");     \
+#define CHECK(cond)                                                    \
+  do {                                                                 \
+    if (!(cond)) ::strata::CheckFailed(__FILE__, __LINE__, #cond, ""); \
   } while (0)
 
-#define CHECK_MSG(cond, msg)                                               \
-  do {                                                                     \
-    if (!(cond)) ::strata::CheckFailed(__FILE__, __LINE__, #cond, (msg));  \
+#define CHECK_MSG(cond, msg)                                              \
+  do {                                                                    \
+    if (!(cond)) ::strata::CheckFailed(__FILE__, __LINE__, #cond, (msg)); \
   } while (0)

@@ -82,8 +82,10 @@ int Train(const std::vector<std::string>& args) {
       if (!ParseInt(*s, &v) || v < 0) {
         return Usage(a + ": '" + *s + "' is not a non-negative integer");
       }
-      if (a == "--max-steps") opt.max_steps = v;
-      else opt.threads = static_cast<int>(v);
+      if (a == "--max-steps")
+        opt.max_steps = v;
+      else
+        opt.threads = static_cast<int>(v);
     } else if (a == "--log-level") {
       const std::string* s = value(a.c_str());
       if (s == nullptr) return Usage("--log-level needs a value (trace|debug|info|warn|error)");
@@ -114,22 +116,21 @@ int Train(const std::vector<std::string>& args) {
   spdlog::info("job '{}': GPT {} ({:.2f}M parameters), {} precision, {} threads", spec->name(),
                cfg.ToString(), t.model().num_params() / 1e6,
                strata::model::DTypeName(t.model().compute_dtype()), strata::model::NumThreads());
-  spdlog::info("data: {} train tokens ({} samples of {}), {} val tokens; global batch {} = {} x {} "
-               "micro-batches; measured GEMM peak {:.1f} GFLOP/s",
-               t.data().train_tokens(), t.data().train_samples(), t.data().seq_len(),
-               t.data().val_tokens(), spec->train().global_batch(),
-               spec->train().global_batch() / spec->train().micro_batch(),
-               spec->train().micro_batch(), strata::model::MeasuredGemmFlops() / 1e9);
+  spdlog::info(
+      "data: {} train tokens ({} samples of {}), {} val tokens; global batch {} = {} x {} "
+      "micro-batches; measured GEMM peak {:.1f} GFLOP/s",
+      t.data().train_tokens(), t.data().train_samples(), t.data().seq_len(), t.data().val_tokens(),
+      spec->train().global_batch(), spec->train().global_batch() / spec->train().micro_batch(),
+      spec->train().micro_batch(), strata::model::MeasuredGemmFlops() / 1e9);
 
   std::signal(SIGINT, OnSigint);
   const strata::worker::TrainSummary s = t.Run(&g_stop);
-  spdlog::info("{}: {} steps in {:.1f} s | loss {:.4f} -> {:.4f}{} | {:.0f} tok/s{}",
-               s.interrupted ? "interrupted" : "done", s.steps, s.seconds, s.first_loss,
-               s.last_loss,
-               s.last_val_loss >= 0 ? fmt::format(" | val loss {:.4f}", s.last_val_loss) : "",
-               s.tokens_per_second,
-               s.skipped_steps ? fmt::format(" | {} steps skipped (fp16 overflow)", s.skipped_steps)
-                               : "");
+  spdlog::info(
+      "{}: {} steps in {:.1f} s | loss {:.4f} -> {:.4f}{} | {:.0f} tok/s{}",
+      s.interrupted ? "interrupted" : "done", s.steps, s.seconds, s.first_loss, s.last_loss,
+      s.last_val_loss >= 0 ? fmt::format(" | val loss {:.4f}", s.last_val_loss) : "",
+      s.tokens_per_second,
+      s.skipped_steps ? fmt::format(" | {} steps skipped (fp16 overflow)", s.skipped_steps) : "");
   return s.interrupted ? 130 : 0;
 }
 

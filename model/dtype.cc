@@ -10,9 +10,12 @@ size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 const char* DTypeName(DType t) {
   switch (t) {
-    case DType::kF32: return "fp32";
-    case DType::kBF16: return "bf16";
-    case DType::kF16: return "fp16";
+    case DType::kF32:
+      return "fp32";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF16:
+      return "fp16";
   }
   return "?";
 }

@@ -21,16 +21,16 @@ Status GptConfig::Validate() const {
   if (heads <= 0) return InvalidArgument("model.heads must be > 0");
   if (channels <= 0) return InvalidArgument("model.d_model must be > 0");
   if (channels % heads != 0) {
-    return InvalidArgument("model.heads: " + std::to_string(heads) + " does not divide model.d_model=" +
-                           std::to_string(channels));
+    return InvalidArgument("model.heads: " + std::to_string(heads) +
+                           " does not divide model.d_model=" + std::to_string(channels));
   }
   return Status::Ok();
 }
 
 int64_t GptConfig::NumParameters() const {
   const int64_t c = channels;
-  const int64_t per_layer = 2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c + (4 * c * c + 4 * c) +
-                            (4 * c * c + c);
+  const int64_t per_layer =
+      2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c);
   return static_cast<int64_t>(vocab_size) * c + static_cast<int64_t>(max_seq_len) * c +
          layers * per_layer + 2 * c;
 }
@@ -45,7 +45,18 @@ namespace {
 
 // Indices of a block's tensors within ParamTensor order.
 enum BlockParam {
-  kLn1W, kLn1B, kQkvW, kQkvB, kAttProjW, kAttProjB, kLn2W, kLn2B, kFcW, kFcB, kFcProjW, kFcProjB,
+  kLn1W,
+  kLn1B,
+  kQkvW,
+  kQkvB,
+  kAttProjW,
+  kAttProjB,
+  kLn2W,
+  kLn2B,
+  kFcW,
+  kFcB,
+  kFcProjW,
+  kFcProjB,
   kNumBlockParams
 };
 
@@ -113,8 +124,8 @@ class GptImpl final : public Gpt {
     for (size_t i = 0; i < layout_.size(); ++i) {
       const ParamTensor& t = layout_[i];
       float* x = p + t.offset;
-      const bool is_ln_weight = t.name.find("ln_") != std::string::npos &&
-                                t.name.ends_with(".weight");
+      const bool is_ln_weight =
+          t.name.find("ln_") != std::string::npos && t.name.ends_with(".weight");
       if (t.shape.size() == 1) {
         std::fill(x, x + t.numel, is_ln_weight ? 1.f : 0.f);
         continue;
@@ -137,8 +148,7 @@ class GptImpl final : public Gpt {
 
   void ZeroGrad() override { std::memset(grads_.raw(), 0, grads_.nbytes()); }
 
-  float Forward(const int32_t* inputs, const int32_t* targets, int b, int t,
-                float dloss) override {
+  float Forward(const int32_t* inputs, const int32_t* targets, int b, int t, float dloss) override {
     CHECK(b > 0 && b <= max_b_ && t > 0 && t <= max_t_);
     const int64_t bt = static_cast<int64_t>(b) * t;
     const int c = cfg_.channels, v = cfg_.vocab_size;
@@ -185,8 +195,8 @@ class GptImpl final : public Gpt {
       LayerNormBackward(dres_, gp(kLn1W), gp(kLn1B), dln_, res_[l], BW(l, kLn1W), a.ln1_mean,
                         a.ln1_rstd, bt, c);
     }
-    EmbeddingBackward(g + layout_[0].offset, g + layout_[1].offset, dres_, tokens_.data(), b, t,
-                      c, v);
+    EmbeddingBackward(g + layout_[0].offset, g + layout_[1].offset, dres_, tokens_.data(), b, t, c,
+                      v);
   }
 
  private:
@@ -330,9 +340,15 @@ Result<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& config, DType compute,
   }
   std::unique_ptr<Gpt> m;
   switch (compute) {
-    case DType::kF32: m = std::make_unique<GptImpl<float>>(config, max_batch, max_seq); break;
-    case DType::kBF16: m = std::make_unique<GptImpl<bf16>>(config, max_batch, max_seq); break;
-    case DType::kF16: m = std::make_unique<GptImpl<f16>>(config, max_batch, max_seq); break;
+    case DType::kF32:
+      m = std::make_unique<GptImpl<float>>(config, max_batch, max_seq);
+      break;
+    case DType::kBF16:
+      m = std::make_unique<GptImpl<bf16>>(config, max_batch, max_seq);
+      break;
+    case DType::kF16:
+      m = std::make_unique<GptImpl<f16>>(config, max_batch, max_seq);
+      break;
   }
   return m;
 }

@@ -47,8 +47,8 @@ class Gpt {
 
   // Allocates parameters, gradients and activations for micro-batches of at most
   // max_batch x max_seq tokens. INVALID_ARGUMENT for a bad config.
-  static Result<std::unique_ptr<Gpt>> Create(const GptConfig& config, DType compute,
-                                             int max_batch, int max_seq);
+  static Result<std::unique_ptr<Gpt>> Create(const GptConfig& config, DType compute, int max_batch,
+                                             int max_seq);
 
   virtual const GptConfig& config() const = 0;
   virtual DType compute_dtype() const = 0;

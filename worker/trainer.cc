@@ -27,7 +27,8 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   const model::GptConfig cfg = GptConfigFromSpec(spec);
   RETURN_IF_ERROR(cfg.Validate());
   ASSIGN_OR_RETURN(model::DType dtype, model::ParseDType(spec.train().precision()));
-  ASSIGN_OR_RETURN(Dataset data, Dataset::Open(spec.data(), cfg.vocab_size, spec.model().seq_len()));
+  ASSIGN_OR_RETURN(Dataset data,
+                   Dataset::Open(spec.data(), cfg.vocab_size, spec.model().seq_len()));
   std::unique_ptr<Trainer> t(new Trainer(spec, options, std::move(data)));
   model::SetNumThreads(options.threads >= 0 ? options.threads : spec.resources().threads());
   t->micro_ = spec.train().micro_batch();
@@ -42,6 +43,8 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   ac.weight_decay = static_cast<float>(spec.train().weight_decay());
   t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), t->model_->num_params(), ac);
   t->fp16_ = dtype == model::DType::kF16;
+  t->scaler_ =
+      model::LossScaler(options.initial_loss_scale, 2.f, 0.5f, options.loss_scale_growth_interval);
   t->total_steps_ = spec.train().steps();
   if (options.max_steps >= 0 && options.max_steps < t->total_steps_) {
     t->total_steps_ = options.max_steps;
@@ -49,8 +52,8 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   t->inputs_.resize(static_cast<size_t>(t->micro_) * t->seq_);
   t->targets_.resize(t->inputs_.size());
   // Training FLOPs per token: 6 per parameter (fwd + bwd) plus attention scores, as in PaLM.
-  t->flops_per_token_ = 6.0 * static_cast<double>(cfg.NumParameters()) +
-                        12.0 * cfg.layers * cfg.channels * t->seq_;
+  t->flops_per_token_ =
+      6.0 * static_cast<double>(cfg.NumParameters()) + 12.0 * cfg.layers * cfg.channels * t->seq_;
   t->peak_flops_ = model::MeasuredGemmFlops();
   return t;
 }
@@ -133,11 +136,12 @@ TrainSummary Trainer::Run(const std::atomic<bool>* stop) {
       timed_seconds += st.seconds;
     }
     if (options_.log_steps && (st.step % log_every == 0 || step_ == total_steps_)) {
-      spdlog::info("step {:>5}/{} | loss {:.4f} | lr {:.3e} | grad-norm {:.3f}{} | {:.0f} tok/s | "
-                   "MFU {:.1f}%{}",
-                   st.step + 1, total_steps_, st.loss, st.lr, st.grad_norm,
-                   fp16_ ? fmt::format(" | scale {:g}", st.loss_scale) : std::string(),
-                   st.tokens_per_second, 100.0 * st.mfu, st.applied ? "" : " | SKIPPED (overflow)");
+      spdlog::info(
+          "step {:>5}/{} | loss {:.4f} | lr {:.3e} | grad-norm {:.3f}{} | {:.0f} tok/s | "
+          "MFU {:.1f}%{}",
+          st.step + 1, total_steps_, st.loss, st.lr, st.grad_norm,
+          fp16_ ? fmt::format(" | scale {:g}", st.loss_scale) : std::string(), st.tokens_per_second,
+          100.0 * st.mfu, st.applied ? "" : " | SKIPPED (overflow)");
     }
     if (eval_every > 0 && (step_ % eval_every == 0 || step_ == total_steps_)) {
       sum.last_val_loss = EvalLoss();

@@ -21,6 +21,9 @@ struct TrainOptions {
   int64_t max_steps = -1;  // stop after this many steps (< 0: train.steps)
   int threads = -1;        // overrides resources.threads when >= 0
   bool log_steps = true;   // one log line per step (every train.log_every)
+  // fp16 dynamic loss scaling (torch.cuda.amp.GradScaler's defaults).
+  float initial_loss_scale = 65536.f;
+  int loss_scale_growth_interval = 2000;
 };
 
 struct StepStats {
@@ -39,7 +42,7 @@ struct TrainSummary {
   int64_t steps = 0;
   float first_loss = 0.f;
   float last_loss = 0.f;
-  float last_val_loss = -1.f;  // < 0 when no validation ran
+  float last_val_loss = -1.f;      // < 0 when no validation ran
   double tokens_per_second = 0.0;  // mean over steps after the first
   double seconds = 0.0;
   int64_t skipped_steps = 0;

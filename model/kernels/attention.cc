@@ -106,16 +106,16 @@ void AttentionBackward(T* dqkv, const T* dout, const T* qkv, const T* out, const
       for (int j = 0; j <= i; ++j) row[j] = std::exp(row[j] - row_lse[i]);
       for (int j = i + 1; j < t; ++j) row[j] = 0.f;
     }
-    Sgemm(true, false, t, hs, t, 1.f, p, t, dout_h, hs, 0.f, dv, hs);      // dV = P^T dO
-    Sgemm(false, true, t, t, hs, 1.f, dout_h, hs, v, hs, 0.f, dp, t);      // dP = dO V^T
-    for (int i = 0; i < t; ++i) {                                          // dS = P (dP - D)
+    Sgemm(true, false, t, hs, t, 1.f, p, t, dout_h, hs, 0.f, dv, hs);  // dV = P^T dO
+    Sgemm(false, true, t, t, hs, 1.f, dout_h, hs, v, hs, 0.f, dp, t);  // dP = dO V^T
+    for (int i = 0; i < t; ++i) {                                      // dS = P (dP - D)
       float* drow = dp + static_cast<int64_t>(i) * t;
       const float* prow = p + static_cast<int64_t>(i) * t;
       for (int j = 0; j <= i; ++j) drow[j] = prow[j] * (drow[j] - rowdot[i]);
       for (int j = i + 1; j < t; ++j) drow[j] = 0.f;
     }
-    Sgemm(false, false, t, hs, t, scale, dp, t, k, hs, 0.f, dq, hs);      // dQ = s dS K
-    Sgemm(true, false, t, hs, t, scale, dp, t, q, hs, 0.f, dk, hs);       // dK = s dS^T Q
+    Sgemm(false, false, t, hs, t, scale, dp, t, k, hs, 0.f, dq, hs);  // dQ = s dS K
+    Sgemm(true, false, t, hs, t, scale, dp, t, q, hs, 0.f, dk, hs);   // dK = s dS^T Q
     ScatterHead(dqkv, dq, bi, h, t, 3 * c, 0, hs);
     ScatterHead(dqkv, dk, bi, h, t, 3 * c, c, hs);
     ScatterHead(dqkv, dv, bi, h, t, 3 * c, 2 * c, hs);

@@ -95,16 +95,17 @@ template <typename T>
 void AddBias(T* x, const T* bias, int64_t n, int c) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    for (int j = 0; j < c; ++j) x[i * c + j] = FromFloat<T>(ToFloat(x[i * c + j]) + ToFloat(bias[j]));
+    for (int j = 0; j < c; ++j)
+      x[i * c + j] = FromFloat<T>(ToFloat(x[i * c + j]) + ToFloat(bias[j]));
   }
 }
 
-#define STRATA_INSTANTIATE(T)                                                                  \
+#define STRATA_INSTANTIATE(T)                                                                   \
   template void EmbeddingForward<T>(float*, const int32_t*, const T*, const T*, int, int, int); \
-  template void GeluForward<T>(T*, const T*, int64_t);                                         \
-  template void GeluBackward<T>(T*, const T*, const T*, int64_t);                              \
-  template void ResidualForward<T>(float*, const float*, const T*, int64_t);                   \
-  template void CastFromFloat<T>(T*, const float*, int64_t);                                   \
+  template void GeluForward<T>(T*, const T*, int64_t);                                          \
+  template void GeluBackward<T>(T*, const T*, const T*, int64_t);                               \
+  template void ResidualForward<T>(float*, const float*, const T*, int64_t);                    \
+  template void CastFromFloat<T>(T*, const float*, int64_t);                                    \
   template void AddBias<T>(T*, const T*, int64_t, int);
 STRATA_INSTANTIATE(float)
 STRATA_INSTANTIATE(bf16)

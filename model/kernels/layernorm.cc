@@ -87,10 +87,10 @@ void LayerNormBackward(float* dinp, float* dw, float* db, const T* dout, const f
   }
 }
 
-#define STRATA_INSTANTIATE(T)                                                                   \
-  template void LayerNormForward<T>(T*, float*, float*, const float*, const T*, const T*,       \
-                                    int64_t, int);                                              \
-  template void LayerNormBackward<T>(float*, float*, float*, const T*, const float*, const T*, \
+#define STRATA_INSTANTIATE(T)                                                                      \
+  template void LayerNormForward<T>(T*, float*, float*, const float*, const T*, const T*, int64_t, \
+                                    int);                                                          \
+  template void LayerNormBackward<T>(float*, float*, float*, const T*, const float*, const T*,     \
                                      const float*, const float*, int64_t, int);
 STRATA_INSTANTIATE(float)
 STRATA_INSTANTIATE(bf16)

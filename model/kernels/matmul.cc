@@ -76,7 +76,8 @@ template <typename T>
 void MatmulBackward(T* dinp, float* dw, float* dbias, const T* dout, const T* inp, const T* w,
                     int64_t n, int c, int oc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (dinp != nullptr) Sgemm(false, false, static_cast<int>(n), c, oc, 1.f, dout, oc, w, c, 0.f, dinp, c);
+    if (dinp != nullptr)
+      Sgemm(false, false, static_cast<int>(n), c, oc, 1.f, dout, oc, w, c, 0.f, dinp, c);
     Sgemm(true, false, oc, c, static_cast<int>(n), 1.f, dout, oc, inp, c, 1.f, dw, c);
     if (dbias != nullptr) ColumnSumAccumulate(dbias, dout, n, oc);
   } else {
@@ -99,10 +100,10 @@ void MatmulBackward(T* dinp, float* dw, float* dbias, const T* dout, const T* in
   }
 }
 
-#define STRATA_INSTANTIATE(T)                                                                 \
-  template void MatmulForward<T>(T*, const T*, const T*, const T*, int64_t, int, int);        \
-  template void MatmulBackward<T>(T*, float*, float*, const T*, const T*, const T*, int64_t, \
-                                  int, int);
+#define STRATA_INSTANTIATE(T)                                                                     \
+  template void MatmulForward<T>(T*, const T*, const T*, const T*, int64_t, int, int);            \
+  template void MatmulBackward<T>(T*, float*, float*, const T*, const T*, const T*, int64_t, int, \
+                                  int);
 STRATA_INSTANTIATE(float)
 STRATA_INSTANTIATE(bf16)
 STRATA_INSTANTIATE(f16)

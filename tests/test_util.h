@@ -1,0 +1,56 @@
+// Helpers shared by tests: temporary directories, job specs from YAML, deterministic text.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+#include "proto/job_spec.h"
+
+namespace strata::testing {
+
+// A fresh directory under the test temp dir, unique per test.
+inline std::string MakeTempDir(const std::string& tag) {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string name = std::string(info->test_suite_name()) + "_" + info->name() + "_" + tag;
+  for (char& ch : name) {
+    if (ch == '/') ch = '_';
+  }
+  std::filesystem::path p = std::filesystem::path(::testing::TempDir()) / ("strata_" + name);
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+// Pseudo-English text of about `bytes` bytes, deterministic in `seed`.
+inline std::string WriteText(const std::string& path, size_t bytes, unsigned seed = 7) {
+  static const char* kWords[] = {"the",   "cat",   "sat",  "on",    "a",   "mat", "and",
+                                 "dog",   "ran",   "to",   "see",   "it",  "was", "very",
+                                 "happy", "today", "with", "some",  "big", "red", "ball",
+                                 "in",    "park",  "we",   "played"};
+  std::mt19937 rng(seed);
+  std::string text;
+  while (text.size() < bytes) {
+    text += kWords[rng() % (sizeof(kWords) / sizeof(kWords[0]))];
+    text += (rng() % 9 == 0) ? ".\n" : " ";
+  }
+  std::ofstream(path, std::ios::binary) << text;
+  return path;
+}
+
+// Parses, defaults and validates a spec given as YAML; fails the test on error.
+inline proto::JobSpec SpecFromYaml(const std::string& yaml) {
+  auto parsed = spec::ParseYaml(yaml, "test");
+  EXPECT_TRUE(parsed.ok()) << parsed.status().ToString();
+  proto::JobSpec s = parsed.ok() ? *parsed : proto::JobSpec();
+  spec::ApplyDefaults(&s);
+  Status v = spec::Validate(s);
+  EXPECT_TRUE(v.ok()) << v.ToString();
+  return s;
+}
+
+}  // namespace strata::testing
