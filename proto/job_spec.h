@@ -15,7 +15,8 @@ namespace strata::spec {
 
 // Parses YAML into a JobSpec by the message's field names. Unknown keys, wrong types
 // (a string where a number belongs, a list where a map belongs) and malformed YAML are errors.
-// For integer fields of `parallel`, the word `auto` means 0. `source` names the input in messages.
+// For integer fields of `parallel`, the word `auto` means 0. A null value (`key:` or `key: ~`)
+// leaves the field unset. `source` names the input in messages.
 Result<proto::JobSpec> ParseYaml(const std::string& yaml_text, const std::string& source);
 
 // Expands model.preset and fills every unset field with its documented default. Idempotent.
