@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "model/dtype.h"
+#include "model/kernels/fast_math.h"
 #include "model/kernels/matmul.h"
 #include "model/kernels/scratch.h"
 
@@ -50,13 +51,16 @@ void AttentionForward(T* out, float* lse, const T* qkv, int b, int t, int c, int
     for (int i = 0; i < t; ++i) {
       float* row = s + static_cast<int64_t>(i) * t;
       float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
       for (int j = 0; j <= i; ++j) mx = row[j] > mx ? row[j] : mx;
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int j = 0; j <= i; ++j) {
-        row[j] = std::exp(row[j] - mx);
+        row[j] = FastExp(row[j] - mx);
         sum += row[j];
       }
       const float inv = 1.f / sum;
+#pragma omp simd
       for (int j = 0; j <= i; ++j) row[j] *= inv;
       for (int j = i + 1; j < t; ++j) row[j] = 0.f;
       row_lse[i] = mx + std::log(sum);
@@ -103,7 +107,9 @@ void AttentionBackward(T* dqkv, const T* dout, const T* qkv, const T* out, const
     const float* row_lse = lse + static_cast<int64_t>(bh) * t;
     for (int i = 0; i < t; ++i) {
       float* row = p + static_cast<int64_t>(i) * t;
-      for (int j = 0; j <= i; ++j) row[j] = std::exp(row[j] - row_lse[i]);
+      const float li = row_lse[i];
+#pragma omp simd
+      for (int j = 0; j <= i; ++j) row[j] = FastExp(row[j] - li);
       for (int j = i + 1; j < t; ++j) row[j] = 0.f;
     }
     Sgemm(true, false, t, hs, t, 1.f, p, t, dout_h, hs, 0.f, dv, hs);  // dV = P^T dO
@@ -111,7 +117,9 @@ void AttentionBackward(T* dqkv, const T* dout, const T* qkv, const T* out, const
     for (int i = 0; i < t; ++i) {                                      // dS = P (dP - D)
       float* drow = dp + static_cast<int64_t>(i) * t;
       const float* prow = p + static_cast<int64_t>(i) * t;
-      for (int j = 0; j <= i; ++j) drow[j] = prow[j] * (drow[j] - rowdot[i]);
+      const float di = rowdot[i];
+#pragma omp simd
+      for (int j = 0; j <= i; ++j) drow[j] = prow[j] * (drow[j] - di);
       for (int j = i + 1; j < t; ++j) drow[j] = 0.f;
     }
     Sgemm(false, false, t, hs, t, scale, dp, t, k, hs, 0.f, dq, hs);  // dQ = s dS K

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "model/dtype.h"
+#include "model/kernels/fast_math.h"
 
 namespace strata::model {
 namespace {
@@ -50,21 +51,21 @@ void EmbeddingBackward(float* dwte, float* dwpe, const float* dout, const int32_
 
 template <typename T>
 void GeluForward(T* out, const T* inp, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float x = ToFloat(inp[i]);
     const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-    out[i] = FromFloat<T>(0.5f * x * (1.f + std::tanh(u)));
+    out[i] = FromFloat<T>(0.5f * x * (1.f + FastTanh(u)));
   }
 }
 
 template <typename T>
 void GeluBackward(T* dinp, const T* inp, const T* dout, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float x = ToFloat(inp[i]);
     const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-    const float th = std::tanh(u);
+    const float th = FastTanh(u);
     const float sech2 = 1.f - th * th;
     const float local =
         0.5f * (1.f + th) + 0.5f * x * sech2 * kGeluScale * (1.f + 3.f * kGeluCubic * x * x);

@@ -21,9 +21,11 @@ void LayerNormForward(T* out, float* mean, float* rstd, const float* inp, const 
   for (int64_t i = 0; i < n; ++i) {
     const float* x = inp + i * c;
     float m = 0.f;
+#pragma omp simd reduction(+ : m)
     for (int j = 0; j < c; ++j) m += x[j];
     m /= static_cast<float>(c);
     float v = 0.f;
+#pragma omp simd reduction(+ : v)
     for (int j = 0; j < c; ++j) {
       const float d = x[j] - m;
       v += d * d;
@@ -31,6 +33,7 @@ void LayerNormForward(T* out, float* mean, float* rstd, const float* inp, const 
     v /= static_cast<float>(c);
     const float s = 1.f / std::sqrt(v + kLayerNormEps);
     T* y = out + i * c;
+#pragma omp simd
     for (int j = 0; j < c; ++j) y[j] = FromFloat<T>((x[j] - m) * s * wf[j] + bf[j]);
     mean[i] = m;
     rstd[i] = s;
@@ -58,6 +61,7 @@ void LayerNormBackward(float* dinp, float* dw, float* db, const T* dout, const f
       const T* g = dout + i * c;
       const float m = mean[i], s = rstd[i];
       float dnorm_mean = 0.f, dnorm_norm_mean = 0.f;
+#pragma omp simd reduction(+ : dnorm_mean, dnorm_norm_mean)
       for (int j = 0; j < c; ++j) {
         dy[j] = ToFloat(g[j]);
         const float norm = (x[j] - m) * s;
@@ -68,6 +72,7 @@ void LayerNormBackward(float* dinp, float* dw, float* db, const T* dout, const f
       dnorm_mean /= static_cast<float>(c);
       dnorm_norm_mean /= static_cast<float>(c);
       float* dx = dinp + i * c;
+#pragma omp simd
       for (int j = 0; j < c; ++j) {
         const float norm = (x[j] - m) * s;
         const float dnorm = wf[j] * dy[j];

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "model/dtype.h"
+#include "model/kernels/fast_math.h"
 #include "model/kernels/scratch.h"
 
 namespace strata::model {
@@ -22,8 +23,9 @@ double SoftmaxCrossEntropy(T* logits, float* losses, const int32_t* targets, int
     const int tgt = targets[i];
     const float shifted_target = x[tgt] - mx;
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int j = 0; j < v; ++j) {
-      x[j] = std::exp(x[j] - mx);
+      x[j] = FastExp(x[j] - mx);
       sum += x[j];
     }
     losses[i] = std::log(sum) - shifted_target;
