@@ -80,7 +80,7 @@ inline Status Cancelled(std::string m) { return {StatusCode::kCancelled, std::mo
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}         // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
   // An OK status without a value is a programming error; it becomes INTERNAL.
   Result(Status status)  // NOLINT: implicit by design
       : status_(status.ok() ? Status(StatusCode::kInternal,

@@ -1,9 +1,11 @@
 #include "model/kernels/matmul.h"
 
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "model/dtype.h"
 #include "model/kernels/scratch.h"
@@ -14,14 +16,25 @@ namespace {
 // Rows per conversion tile for low-precision operands.
 constexpr int64_t kTileRows = 256;
 
-// y[c] += sum over rows of x[n, c]; fixed summation order (deterministic).
+// y[c] += sum over rows of x[n, c]. Each thread sums a contiguous block of rows (row-major,
+// vectorised), then the partial sums are added in thread order: deterministic for a given
+// thread count.
 template <typename T>
 void ColumnSumAccumulate(float* y, const T* x, int64_t n, int c) {
-#pragma omp parallel for schedule(static)
-  for (int j = 0; j < c; ++j) {
-    float s = 0.f;
-    for (int64_t i = 0; i < n; ++i) s += ToFloat(x[i * c + j]);
-    y[j] += s;
+  const int nt = omp_get_max_threads();
+  std::vector<float> partial(static_cast<size_t>(nt) * c, 0.f);
+#pragma omp parallel
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    float* p = partial.data() + static_cast<size_t>(tid) * c;
+    for (int64_t i = n * tid / nth; i < n * (tid + 1) / nth; ++i) {
+      const T* row = x + i * c;
+#pragma omp simd
+      for (int j = 0; j < c; ++j) p[j] += ToFloat(row[j]);
+    }
+  }
+  for (int t = 0; t < nt; ++t) {
+    for (int j = 0; j < c; ++j) y[j] += partial[static_cast<size_t>(t) * c + j];
   }
 }
 
