@@ -458,54 +458,55 @@ void ApplyDefaults(proto::JobSpec* spec) {
 
   // model: preset first, then explicit fields win.
   proto::ModelSpec* m = spec->mutable_model();
-  const bool any_explicit = m->layers() || m->heads() || m->d_model() || m->seq_len();
+  const bool any_explicit =
+      m->has_layers() || m->has_heads() || m->has_d_model() || m->has_seq_len();
   if (m->preset().empty() && !any_explicit) m->set_preset("tiny");
   // An unknown preset is left for Validate; a custom model with no preset borrows from tiny.
   const Preset* p = m->preset().empty() ? FindPreset("tiny") : FindPreset(m->preset());
   if (p != nullptr) {
-    if (!m->layers()) m->set_layers(p->layers);
-    if (!m->heads()) m->set_heads(p->heads);
-    if (!m->d_model()) m->set_d_model(p->d_model);
-    if (!m->seq_len()) m->set_seq_len(p->seq_len);
+    if (!m->has_layers()) m->set_layers(p->layers);
+    if (!m->has_heads()) m->set_heads(p->heads);
+    if (!m->has_d_model()) m->set_d_model(p->d_model);
+    if (!m->has_seq_len()) m->set_seq_len(p->seq_len);
   }
-  if (!m->max_seq_len()) {
+  if (!m->has_max_seq_len()) {
     m->set_max_seq_len(p != nullptr && p->max_seq_len ? p->max_seq_len : m->seq_len());
   }
 
   proto::DataSpec* d = spec->mutable_data();
   if (d->format().empty()) d->set_format(EndsWith(d->train(), ".bin") ? "llmc" : "text");
-  if (d->val_fraction() == 0) d->set_val_fraction(0.05);
-  if (!m->vocab_size()) m->set_vocab_size(d->format() == "llmc" ? 50257 : 256);
+  if (!d->has_val_fraction()) d->set_val_fraction(0.05);
+  if (!m->has_vocab_size()) m->set_vocab_size(d->format() == "llmc" ? 50257 : 256);
 
   proto::TrainSpec* t = spec->mutable_train();
-  if (!t->steps()) t->set_steps(1000);
-  if (!t->global_batch()) t->set_global_batch(8);
-  if (!t->micro_batch()) t->set_micro_batch(t->global_batch());
-  if (t->lr() == 0) t->set_lr(1e-3);
+  if (!t->has_steps()) t->set_steps(1000);
+  if (!t->has_global_batch()) t->set_global_batch(8);
+  if (!t->has_micro_batch()) t->set_micro_batch(t->global_batch());
+  if (!t->has_lr()) t->set_lr(1e-3);
   if (!t->has_min_lr()) t->set_min_lr(t->lr() / 10);
   if (!t->has_weight_decay()) t->set_weight_decay(0.1);
   if (!t->has_grad_clip()) t->set_grad_clip(1.0);
   if (t->precision().empty()) t->set_precision("fp32");
   if (!t->has_seed()) t->set_seed(1337);
-  if (t->beta1() == 0) t->set_beta1(0.9);
-  if (t->beta2() == 0) t->set_beta2(0.95);
-  if (t->eps() == 0) t->set_eps(1e-8);
-  if (!t->log_every()) t->set_log_every(1);
+  if (!t->has_beta1()) t->set_beta1(0.9);
+  if (!t->has_beta2()) t->set_beta2(0.95);
+  if (!t->has_eps()) t->set_eps(1e-8);
+  if (!t->has_log_every()) t->set_log_every(1);
 
   proto::ParallelSpec* par = spec->mutable_parallel();
   if (par->schedule().empty()) par->set_schedule("1f1b");
 
   proto::ResourceSpec* r = spec->mutable_resources();
   if (r->device().empty()) r->set_device("cpu");
-  if (!r->workers()) r->set_workers(1);
-  if (!r->min_workers()) r->set_min_workers(1);
+  if (!r->has_workers()) r->set_workers(1);
+  if (!r->has_min_workers()) r->set_min_workers(1);
 
   proto::CheckpointSpec* c = spec->mutable_checkpoint();
-  if (!c->keep()) c->set_keep(3);
+  if (!c->has_keep()) c->set_keep(3);
 
   proto::EvalSpec* e = spec->mutable_eval();
   if (!e->has_every()) e->set_every(100);
-  if (!e->batches()) e->set_batches(10);
+  if (!e->has_batches()) e->set_batches(10);
 }
 
 Status Validate(const proto::JobSpec& spec) {

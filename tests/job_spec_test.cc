@@ -307,6 +307,9 @@ TEST(ApplyDefaults, ExplicitZeroIsKeptWhereZeroIsMeaningful) {
   EXPECT_EQ(spec.train().seed(), 0u);
   EXPECT_EQ(spec.train().min_lr(), 0);
   EXPECT_EQ(spec.eval().every(), 0);
+  const proto::JobSpec beta = Defaulted("data: {train: x.txt}\ntrain: {beta1: 0}\n");
+  EXPECT_EQ(beta.train().beta1(), 0);
+  EXPECT_TRUE(Validate(beta).ok()) << Validate(beta).ToString();
 }
 
 TEST(ApplyDefaults, MinLrFollowsAnExplicitLr) {
@@ -336,6 +339,12 @@ TEST(Validate, RejectsEachBadField) {
        "model.preset: unknown preset 'gpt5'; valid presets: tiny, small, gpt2, gpt2-medium, "
        "gpt2-large, gpt2-xl"},
       {"model: {layers: -1}", "model.layers: must be positive, got -1"},
+      // An explicit 0 is an error, not a request for the default.
+      {"model: {layers: 0}", "model.layers: must be positive, got 0"},
+      {"model: {heads: 0}", "model.heads: must be positive, got 0"},
+      {"train: {steps: 0}", "train.steps: must be positive, got 0"},
+      {"train: {lr: 0}", "train.lr: must be positive, got 0"},
+      {"train: {global_batch: 0}", "train.global_batch: must be positive, got 0"},
       {"model: {heads: -4}", "model.heads: must be positive, got -4"},
       {"model: {d_model: -128}", "model.d_model: must be positive, got -128"},
       {"model: {seq_len: -1}", "model.seq_len: must be positive"},
