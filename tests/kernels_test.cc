@@ -473,9 +473,15 @@ TYPED_TEST(KernelTest, LayerNormBackwardMatchesFiniteDifferences) {
 struct AttentionShape {
   int b, t, c, nh;
 };
-constexpr AttentionShape kAttentionShapes[] = {{1, 1, 3, 1}, {1, 1, 3, 3}, {1, 7, 3, 1},
-                                               {1, 7, 3, 3}, {2, 7, 6, 3}, {2, 5, 12, 1},
-                                               {1, 16, 8, 2}};
+constexpr AttentionShape kAttentionShapes[] = {{1, 1, 3, 1},
+                                               {1, 1, 3, 3},
+                                               {1, 7, 3, 1},
+                                               {1, 7, 3, 3},
+                                               {2, 7, 6, 3},
+                                               {2, 5, 12, 1},
+                                               {1, 16, 8, 2},
+                                               // t > 64: several causal row blocks, ragged last
+                                               {1, 150, 4, 2}};
 
 TYPED_TEST(KernelTest, AttentionForwardMatchesReference) {
   using T = TypeParam;
@@ -513,7 +519,11 @@ TYPED_TEST(KernelTest, AttentionBackwardMatchesFiniteDifferences) {
     std::vector<T> dqkv(nqkv, FromFloat<T>(kNaN));  // overwritten (=)
     AttentionBackward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), s.b, s.t, s.c,
                       s.nh);
-    EXPECT_TRUE(AllClose(Widen(dqkv), g, Precision<T>::kBwd)) << "dqkv";
+    // Backward uses the stored (rounded) output in D_i = dO_i . O_i, as FlashAttention does; in
+    // f16 that rounding summed over >64 keys reaches ~1.4x the short-sequence tolerance
+    // (measured identical before and after the causal blocking), so long rows get 2x.
+    const double tol = Precision<T>::kBwd * (s.t > 64 ? 2.0 : 1.0);
+    EXPECT_TRUE(AllClose(Widen(dqkv), g, tol)) << "dqkv";
   }
 }
 

@@ -1,5 +1,6 @@
 #include "model/kernels/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -10,6 +11,9 @@
 
 namespace strata::model {
 namespace {
+
+// Query rows per block of the causal computation (keys beyond a block's last row are skipped).
+constexpr int kBlockRows = 64;
 
 // Copies head h of q, k or v (which = 0, 1, 2) of batch row b into a dense [t, hs] fp32 matrix.
 template <typename T>
@@ -46,26 +50,31 @@ void AttentionForward(T* out, float* lse, const T* qkv, int b, int t, int c, int
     GatherHead(q, qkv, bi, h, 0, t, c, hs);
     GatherHead(k, qkv, bi, h, 1, t, c, hs);
     GatherHead(v, qkv, bi, h, 2, t, c, hs);
-    Sgemm(false, true, t, t, hs, scale, q, hs, k, hs, 0.f, s, t);
     float* row_lse = lse + static_cast<int64_t>(bh) * t;
-    for (int i = 0; i < t; ++i) {
-      float* row = s + static_cast<int64_t>(i) * t;
-      float mx = -std::numeric_limits<float>::infinity();
+    // Query rows in blocks: block [r0, r0 + rows) only needs keys [0, r0 + rows).
+    for (int r0 = 0; r0 < t; r0 += kBlockRows) {
+      const int rows = std::min(kBlockRows, t - r0), cols = r0 + rows;
+      float* sb = s + static_cast<int64_t>(r0) * t;
+      Sgemm(false, true, rows, cols, hs, scale, q + r0 * hs, hs, k, hs, 0.f, sb, t);
+      for (int i = r0; i < r0 + rows; ++i) {
+        float* row = s + static_cast<int64_t>(i) * t;
+        float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
-      for (int j = 0; j <= i; ++j) mx = row[j] > mx ? row[j] : mx;
-      float sum = 0.f;
+        for (int j = 0; j <= i; ++j) mx = row[j] > mx ? row[j] : mx;
+        float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int j = 0; j <= i; ++j) {
-        row[j] = FastExp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = 1.f / sum;
+        for (int j = 0; j <= i; ++j) {
+          row[j] = FastExp(row[j] - mx);
+          sum += row[j];
+        }
+        const float inv = 1.f / sum;
 #pragma omp simd
-      for (int j = 0; j <= i; ++j) row[j] *= inv;
-      for (int j = i + 1; j < t; ++j) row[j] = 0.f;
-      row_lse[i] = mx + std::log(sum);
+        for (int j = 0; j <= i; ++j) row[j] *= inv;
+        for (int j = i + 1; j < cols; ++j) row[j] = 0.f;
+        row_lse[i] = mx + std::log(sum);
+      }
+      Sgemm(false, false, rows, hs, cols, 1.f, sb, t, v, hs, 0.f, o + r0 * hs, hs);
     }
-    Sgemm(false, false, t, hs, t, 1.f, s, t, v, hs, 0.f, o, hs);
     ScatterHead(out, o, bi, h, t, c, 0, hs);
   }
 }
@@ -102,28 +111,38 @@ void AttentionBackward(T* dqkv, const T* dout, const T* qkv, const T* out, const
       }
       rowdot[i] = dot;
     }
-    // Recompute probabilities from the stored log-sum-exp.
-    Sgemm(false, true, t, t, hs, scale, q, hs, k, hs, 0.f, p, t);
+    // Query-row blocks as in the forward pass; dK and dV accumulate over blocks.
+    std::fill(dk, dk + t * hs, 0.f);
+    std::fill(dv, dv + t * hs, 0.f);
     const float* row_lse = lse + static_cast<int64_t>(bh) * t;
-    for (int i = 0; i < t; ++i) {
-      float* row = p + static_cast<int64_t>(i) * t;
-      const float li = row_lse[i];
+    for (int r0 = 0; r0 < t; r0 += kBlockRows) {
+      const int rows = std::min(kBlockRows, t - r0), cols = r0 + rows;
+      float* pb = p + static_cast<int64_t>(r0) * t;
+      float* dpb = dp + static_cast<int64_t>(r0) * t;
+      // Recompute probabilities from the stored log-sum-exp.
+      Sgemm(false, true, rows, cols, hs, scale, q + r0 * hs, hs, k, hs, 0.f, pb, t);
+      for (int i = r0; i < r0 + rows; ++i) {
+        float* row = p + static_cast<int64_t>(i) * t;
+        const float li = row_lse[i];
 #pragma omp simd
-      for (int j = 0; j <= i; ++j) row[j] = FastExp(row[j] - li);
-      for (int j = i + 1; j < t; ++j) row[j] = 0.f;
-    }
-    Sgemm(true, false, t, hs, t, 1.f, p, t, dout_h, hs, 0.f, dv, hs);  // dV = P^T dO
-    Sgemm(false, true, t, t, hs, 1.f, dout_h, hs, v, hs, 0.f, dp, t);  // dP = dO V^T
-    for (int i = 0; i < t; ++i) {                                      // dS = P (dP - D)
-      float* drow = dp + static_cast<int64_t>(i) * t;
-      const float* prow = p + static_cast<int64_t>(i) * t;
-      const float di = rowdot[i];
+        for (int j = 0; j <= i; ++j) row[j] = FastExp(row[j] - li);
+        for (int j = i + 1; j < cols; ++j) row[j] = 0.f;
+      }
+      // dV += P^T dO ; dP = dO V^T
+      Sgemm(true, false, cols, hs, rows, 1.f, pb, t, dout_h + r0 * hs, hs, 1.f, dv, hs);
+      Sgemm(false, true, rows, cols, hs, 1.f, dout_h + r0 * hs, hs, v, hs, 0.f, dpb, t);
+      for (int i = r0; i < r0 + rows; ++i) {  // dS = P (dP - D)
+        float* drow = dp + static_cast<int64_t>(i) * t;
+        const float* prow = p + static_cast<int64_t>(i) * t;
+        const float di = rowdot[i];
 #pragma omp simd
-      for (int j = 0; j <= i; ++j) drow[j] = prow[j] * (drow[j] - di);
-      for (int j = i + 1; j < t; ++j) drow[j] = 0.f;
+        for (int j = 0; j <= i; ++j) drow[j] = prow[j] * (drow[j] - di);
+        for (int j = i + 1; j < cols; ++j) drow[j] = 0.f;
+      }
+      // dQ = s dS K ; dK += s dS^T Q
+      Sgemm(false, false, rows, hs, cols, scale, dpb, t, k, hs, 0.f, dq + r0 * hs, hs);
+      Sgemm(true, false, cols, hs, rows, scale, dpb, t, q + r0 * hs, hs, 1.f, dk, hs);
     }
-    Sgemm(false, false, t, hs, t, scale, dp, t, k, hs, 0.f, dq, hs);  // dQ = s dS K
-    Sgemm(true, false, t, hs, t, scale, dp, t, q, hs, 0.f, dk, hs);   // dK = s dS^T Q
     ScatterHead(dqkv, dq, bi, h, t, 3 * c, 0, hs);
     ScatterHead(dqkv, dk, bi, h, t, 3 * c, c, hs);
     ScatterHead(dqkv, dv, bi, h, t, 3 * c, 2 * c, hs);
