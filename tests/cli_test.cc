@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "tests/test_util.h"
+#include "worker/data.h"
 
 namespace strata {
 namespace {
@@ -67,6 +68,24 @@ TEST_F(CliTest, TrainsAndPrintsStepsAndSummary) {
   EXPECT_NE(r.out.find("tok/s"), std::string::npos);
   EXPECT_NE(r.out.find("MFU"), std::string::npos);
   EXPECT_NE(r.out.find("val loss"), std::string::npos);
+  EXPECT_NE(r.out.find("done: 3 steps"), std::string::npos) << r.out;
+}
+
+// llm.c / nanoGPT token shards (.bin) train unchanged.
+TEST_F(CliTest, TrainsOnLlmcShards) {
+  std::vector<uint16_t> tokens(20000);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint16_t>((i * 7) % 300);
+  ASSERT_TRUE(worker::WriteLlmcShard(dir_ + "/shard_000.bin", tokens).ok());
+  ASSERT_TRUE(worker::WriteLlmcShard(dir_ + "/shard_001.bin", tokens).ok());
+  const std::string job = dir_ + "/llmc.yaml";
+  std::ofstream(job) << "model: {layers: 1, heads: 2, d_model: 16, seq_len: 16, vocab_size: 300}\n"
+                     << "data: {train: '" << dir_ << "/shard_*.bin'}\n"
+                     << "train: {" << kTrain << "}\neval: {every: 0}\n";
+  CliRun r = Exec("train " + job);
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("38000 train tokens (2374 samples of 16), 2000 val tokens"),
+            std::string::npos)
+      << r.out;
   EXPECT_NE(r.out.find("done: 3 steps"), std::string::npos) << r.out;
 }
 
