@@ -12,36 +12,14 @@
 #include <string>
 #include <vector>
 
+#include "tests/test_util.h"
+
 namespace strata::worker {
 namespace {
 
 namespace fs = std::filesystem;
 
-#define EXPECT_HAS(haystack, needle)                               \
-  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) \
-      << "expected to contain: " << (needle) << "\n  actual: " << (haystack) << "\n  "
-
-class ScratchDir {
- public:
-  ScratchDir() {
-    std::string tmpl = ::testing::TempDir() + "strata_data_XXXXXX";
-    path_ = ::mkdtemp(tmpl.data()) ? tmpl : "";
-    EXPECT_FALSE(path_.empty());
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string Write(const std::string& name, const std::string& contents) const {
-    const std::string p = path_ + "/" + name;
-    std::ofstream(p, std::ios::binary) << contents;
-    return p;
-  }
-
- private:
-  std::string path_;
-};
+using ::strata::testing::ScratchDir;
 
 proto::DataSpec Spec(const std::string& train, const std::string& format, double val_fraction,
                      const std::string& val = "") {

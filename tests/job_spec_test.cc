@@ -13,39 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "tests/test_util.h"
+
 namespace strata::spec {
 namespace {
 
 namespace fs = std::filesystem;
 
-// Substring check with both strings in the failure message (plain gtest; gmock is not linked).
-#define EXPECT_HAS(haystack, needle)                               \
-  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) \
-      << "expected to contain: " << (needle) << "\n  actual: " << (haystack) << "\n  "
-
-// A fresh directory under the GoogleTest temp dir, removed at the end of the test.
-class ScratchDir {
- public:
-  ScratchDir() {
-    std::string tmpl = ::testing::TempDir() + "strata_job_spec_XXXXXX";
-    path_ = ::mkdtemp(tmpl.data()) ? tmpl : "";
-    EXPECT_FALSE(path_.empty());
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string Write(const std::string& name, const std::string& contents) const {
-    const std::string p = path_ + "/" + name;
-    fs::create_directories(fs::path(p).parent_path());
-    std::ofstream(p, std::ios::binary) << contents;
-    return p;
-  }
-
- private:
-  std::string path_;
-};
+using ::strata::testing::ScratchDir;
 
 proto::JobSpec ParseOk(const std::string& yaml) {
   auto r = ParseYaml(yaml, "job.yaml");

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -11,7 +12,39 @@
 
 #include "proto/job_spec.h"
 
+// Substring check with both strings in the failure message (plain gtest; gmock is not linked).
+#define EXPECT_HAS(haystack, needle)                               \
+  EXPECT_NE(std::string(haystack).find(needle), std::string::npos) \
+      << "expected to contain: " << (needle) << "\n  actual: " << (haystack) << "\n  "
+
 namespace strata::testing {
+
+// A fresh directory under the GoogleTest temp dir, removed when the object goes away.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::string tmpl = ::testing::TempDir() + "strata_XXXXXX";
+    path_ = ::mkdtemp(tmpl.data()) ? tmpl : "";
+    EXPECT_FALSE(path_.empty());
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::string& path() const { return path_; }
+  // Writes `contents` to path()/name (creating sub-directories) and returns the full path.
+  std::string Write(const std::string& name, const std::string& contents) const {
+    const std::string p = path_ + "/" + name;
+    std::filesystem::create_directories(std::filesystem::path(p).parent_path());
+    std::ofstream(p, std::ios::binary) << contents;
+    return p;
+  }
+
+ private:
+  std::string path_;
+};
 
 // A fresh directory under the test temp dir, unique per test.
 inline std::string MakeTempDir(const std::string& tag) {
