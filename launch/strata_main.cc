@@ -124,7 +124,12 @@ int Train(const std::vector<std::string>& args) {
       spec->train().micro_batch(), strata::model::MeasuredGemmFlops() / 1e9);
 
   std::signal(SIGINT, OnSigint);
-  const strata::worker::TrainSummary s = t.Run(&g_stop);
+  auto run = t.Run(&g_stop);
+  if (!run.ok()) {
+    spdlog::error("training failed: {}", run.status().ToString());
+    return 1;
+  }
+  const strata::worker::TrainSummary& s = *run;
   spdlog::info(
       "{}: {} steps in {:.1f} s | loss {:.4f} -> {:.4f}{} | {:.0f} tok/s{}",
       s.interrupted ? "interrupted" : "done", s.steps, s.seconds, s.first_loss, s.last_loss,

@@ -165,7 +165,7 @@ class GptImpl final : public Gpt {
     return static_cast<float>(total / static_cast<double>(bt));
   }
 
-  void Backward() override {
+  void Backward(const GradReadyFn& on_ready) override {
     CHECK_MSG(has_grad_, "Backward() needs a Forward() with dloss != 0");
     has_grad_ = false;
     const int b = b_, t = t_, c = cfg_.channels, v = cfg_.vocab_size;
@@ -176,6 +176,7 @@ class GptImpl final : public Gpt {
     MatmulBackward<T>(dln_, g + layout_[0].offset, nullptr, logits_, lnf_, W(0), bt, c, v);
     LayerNormBackward(dres_, g + layout_[fi].offset, g + layout_[fi + 1].offset, dln_,
                       res_[cfg_.layers], W(fi), lnf_mean_, lnf_rstd_, bt, c);
+    if (on_ready) on_ready(layout_[fi].offset, layout_[fi].numel + layout_[fi + 1].numel);
     for (int l = cfg_.layers - 1; l >= 0; --l) {
       if (cfg_.recompute) LayerForward(l);
       const Acts& a = acts_[l];
@@ -194,9 +195,15 @@ class GptImpl final : public Gpt {
       MatmulBackward<T>(dln_, gp(kQkvW), gp(kQkvB), dqkv_, a.ln1, BW(l, kQkvW), bt, c, 3 * c);
       LayerNormBackward(dres_, gp(kLn1W), gp(kLn1B), dln_, res_[l], BW(l, kLn1W), a.ln1_mean,
                         a.ln1_rstd, bt, c);
+      if (on_ready) {
+        const ParamTensor& first = layout_[2 + l * kNumBlockParams];
+        const ParamTensor& last = layout_[2 + l * kNumBlockParams + kNumBlockParams - 1];
+        on_ready(first.offset, last.offset + last.numel - first.offset);
+      }
     }
     EmbeddingBackward(g + layout_[0].offset, g + layout_[1].offset, dres_, tokens_.data(), b, t, c,
                       v);
+    if (on_ready) on_ready(0, layout_[0].numel + layout_[1].numel);
   }
 
  private:

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -71,8 +72,14 @@ class Gpt {
   // loss_scale / (b * t * accumulation_steps)). Requires b <= max_batch, t <= max_seq.
   virtual float Forward(const int32_t* inputs, const int32_t* targets, int b, int t,
                         float dloss) = 0;
+  // Called during Backward when the gradients of parameters [offset, offset + count) (in
+  // elements of the flat buffer) are final for this Backward: first ln_f, then each block from
+  // the last to the first, then the embeddings (wte last: the tied head also writes it).
+  // Data-parallel training starts reducing those ranges while backward goes on.
+  using GradReadyFn = std::function<void(int64_t offset, int64_t count)>;
+
   // Accumulates parameter gradients of the last Forward (which must have had dloss != 0).
-  virtual void Backward() = 0;
+  virtual void Backward(const GradReadyFn& on_ready = nullptr) = 0;
 
   // Bytes of activation memory held for one micro-batch (for logs and tests of recompute).
   virtual int64_t activation_bytes() const = 0;

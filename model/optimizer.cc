@@ -2,18 +2,24 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace strata::model {
 
-AdamW::AdamW(const std::vector<ParamTensor>& tensors, int64_t num_params, AdamWConfig config)
+AdamW::AdamW(const std::vector<ParamTensor>& tensors, int64_t num_params, AdamWConfig config,
+             int64_t offset, int64_t count)
     : cfg_(config),
-      n_(num_params),
-      m_(Tensor::Empty({num_params}, DType::kF32)),
-      v_(Tensor::Empty({num_params}, DType::kF32)),
-      decay_(static_cast<size_t>(num_params), 0) {
+      offset_(offset),
+      n_(count < 0 ? num_params - offset : count),
+      m_(Tensor::Empty({n_}, DType::kF32)),
+      v_(Tensor::Empty({n_}, DType::kF32)),
+      decay_(static_cast<size_t>(n_), 0) {
+  CHECK(offset_ >= 0 && offset_ + n_ <= num_params);
   for (const ParamTensor& t : tensors) {
-    if (t.decay) std::fill(decay_.begin() + t.offset, decay_.begin() + t.offset + t.numel, 1);
+    if (!t.decay) continue;
+    const int64_t lo = std::max(t.offset, offset_), hi = std::min(t.offset + t.numel, offset_ + n_);
+    if (lo < hi) std::fill(decay_.begin() + (lo - offset_), decay_.begin() + (hi - offset_), 1);
   }
 }
 

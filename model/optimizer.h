@@ -20,10 +20,16 @@ struct AdamWConfig {
 class AdamW {
  public:
   // Weight decay applies to the tensors whose ParamTensor::decay is set (not biases, norms).
-  AdamW(const std::vector<ParamTensor>& tensors, int64_t num_params, AdamWConfig config);
+  // The optimizer owns state for elements [offset, offset + count) of the flat parameter buffer
+  // (count < 0: to the end) — a ZeRO-1 shard, or everything.
+  AdamW(const std::vector<ParamTensor>& tensors, int64_t num_params, AdamWConfig config,
+        int64_t offset = 0, int64_t count = -1);
 
-  // One update with the given lr; `step` counts updates from 1 (bias correction).
+  // One update of the owned range with the given lr; `params` and `grads` point at the range's
+  // first element. `step` counts updates from 1 (bias correction).
   void Update(float* params, const float* grads, float lr, int64_t step);
+
+  int64_t offset() const { return offset_; }
 
   float* m() { return m_.data<float>(); }
   float* v() { return v_.data<float>(); }
@@ -31,9 +37,10 @@ class AdamW {
 
  private:
   AdamWConfig cfg_;
+  int64_t offset_;
   int64_t n_;
   Tensor m_, v_;
-  std::vector<uint8_t> decay_;  // per element: 1 where weight decay applies
+  std::vector<uint8_t> decay_;  // per owned element: 1 where weight decay applies
 };
 
 // Linear warm-up over `warmup` steps to `lr`, then cosine decay to `min_lr` at `total_steps`.

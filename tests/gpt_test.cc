@@ -182,6 +182,38 @@ TEST(Gpt, GradientsAccumulateAcrossMicroBatches) {
   for (int64_t i = 0; i < m->num_params(); i += 97) EXPECT_FLOAT_EQ(m->grads()[i], 2 * once[i]);
 }
 
+// The ready callback covers every parameter exactly once, from the end of the buffer to the
+// start, and each range's gradients are already final when it is reported.
+TEST(Gpt, GradReadyCallbackCoversEveryParameterWithFinalValues) {
+  GptConfig c = SmallConfig();
+  c.layers = 3;
+  const int b = 2, t = 6;
+  auto m = Make(c, DType::kF32, b, t);
+  std::vector<int32_t> x(b * t), y(b * t);
+  RandomTokens(&x, c.vocab_size, 11);
+  RandomTokens(&y, c.vocab_size, 12);
+  m->ZeroGrad();
+  m->Forward(x.data(), y.data(), b, t, 1.f);
+  struct Range {
+    int64_t offset, count;
+    std::vector<float> at_report;
+  };
+  std::vector<Range> ranges;
+  m->Backward([&](int64_t offset, int64_t count) {
+    ranges.push_back(
+        {offset, count, std::vector<float>(m->grads() + offset, m->grads() + offset + count)});
+  });
+  ASSERT_EQ(ranges.size(), static_cast<size_t>(c.layers + 2));
+  int64_t expect_end = m->num_params();
+  for (const Range& r : ranges) {
+    EXPECT_EQ(r.offset + r.count, expect_end);
+    expect_end = r.offset;
+    EXPECT_TRUE(std::equal(r.at_report.begin(), r.at_report.end(), m->grads() + r.offset))
+        << "range at " << r.offset << " changed after it was reported";
+  }
+  EXPECT_EQ(expect_end, 0);
+}
+
 TEST(Gpt, LowPrecisionComputeTracksFp32) {
   GptConfig c = SmallConfig();
   const int b = 2, t = 12;

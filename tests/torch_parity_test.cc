@@ -61,6 +61,13 @@ std::vector<T> ReadBin(const std::string& path) {
   return v;
 }
 
+// One training step; a failed step (impossible without collectives) aborts the test binary.
+worker::StepStats StepOrDie(worker::Trainer* t) {
+  auto r = t->Step();
+  CHECK_MSG(r.ok(), r.status().ToString());
+  return *r;
+}
+
 std::unique_ptr<worker::Trainer> MakeTrainer(const proto::JobSpec& spec,
                                              worker::TrainOptions opt = {}) {
   opt.log_steps = false;
@@ -125,7 +132,7 @@ TEST(TorchParity, Fp32TrainingMatchesPyTorchStepForStep) {
   }
   std::vector<float> grad0(m.grads(), m.grads() + m.num_params());
   std::vector<float> losses;
-  for (int s = 0; s < steps; ++s) losses.push_back(trainer->Step().loss);
+  for (int s = 0; s < steps; ++s) losses.push_back(StepOrDie(trainer.get()).loss);
 
   const std::string cmd =
       std::string(kPython) + " " + STRATA_SOURCE_DIR + "/tests/torch_parity.py " + dir + " 2>&1";
@@ -193,7 +200,7 @@ std::vector<float> RunLosses(const proto::JobSpec& spec, int steps, worker::Trai
   if (trainer == nullptr) return losses;
   int64_t skip = 0;
   for (int s = 0; s < steps; ++s) {
-    const worker::StepStats st = trainer->Step();
+    const worker::StepStats st = StepOrDie(trainer.get());
     losses.push_back(st.loss);
     if (!st.applied) ++skip;
     if (scales) scales->push_back(st.loss_scale);
@@ -254,7 +261,7 @@ TEST(MixedPrecision, Fp16ScalerSkipsAndBacksOffOnForcedOverflow) {
   std::vector<float> losses;
   for (int s = 0; s < steps; ++s) {
     const std::vector<float> before(m.params(), m.params() + m.num_params());
-    const worker::StepStats st = (*trainer)->Step();
+    const worker::StepStats st = StepOrDie(trainer->get());
     if (s == 0) {
       EXPECT_FALSE(st.applied) << "2^40 must overflow fp16 on the first step";
     }

@@ -32,8 +32,21 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   std::unique_ptr<Trainer> t(new Trainer(spec, options, std::move(data)));
   model::SetNumThreads(options.threads >= 0 ? options.threads : spec.resources().threads());
   t->micro_ = spec.train().micro_batch();
-  t->accum_ = spec.train().global_batch() / t->micro_;
   t->seq_ = spec.model().seq_len();
+  if (options.dp_group != nullptr) {
+    t->dp_ = options.dp_group->size();
+    t->dp_rank_ = options.dp_group->rank();
+  }
+  const int gb = spec.train().global_batch();
+  if (gb % (t->dp_ * t->micro_) != 0) {
+    return InvalidArgument(
+        "train.global_batch: " + std::to_string(gb) +
+        " is not divisible by parallel.dp * train.micro_batch = " + std::to_string(t->dp_) + " * " +
+        std::to_string(t->micro_) + "; choose a global batch that is a multiple of " +
+        std::to_string(t->dp_ * t->micro_) + " or a smaller micro_batch");
+  }
+  t->accum_ = gb / (t->dp_ * t->micro_);
+  t->zero1_ = t->dp_ > 1 && spec.parallel().zero1();
   ASSIGN_OR_RETURN(t->model_, model::Gpt::Create(cfg, dtype, t->micro_, t->seq_));
   t->model_->InitWeights(spec.train().seed());
   model::AdamWConfig ac;
@@ -41,7 +54,17 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   ac.beta2 = static_cast<float>(spec.train().beta2());
   ac.eps = static_cast<float>(spec.train().eps());
   ac.weight_decay = static_cast<float>(spec.train().weight_decay());
-  t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), t->model_->num_params(), ac);
+  const int64_t n = t->model_->num_params();
+  if (t->zero1_) {
+    t->shard_ = (n + t->dp_ - 1) / t->dp_;
+    const int64_t lo = std::min(n, t->dp_rank_ * t->shard_);
+    const int64_t count = std::min(n, lo + t->shard_) - lo;
+    t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), n, ac, lo, count);
+    t->padded_.assign(static_cast<size_t>(t->shard_) * t->dp_, 0.f);
+    t->shard_buf_.assign(static_cast<size_t>(t->shard_), 0.f);
+  } else {
+    t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), n, ac);
+  }
   t->fp16_ = dtype == model::DType::kF16;
   t->scaler_ =
       model::LossScaler(options.initial_loss_scale, 2.f, 0.5f, options.loss_scale_growth_interval);
@@ -59,29 +82,94 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
 }
 
 int64_t Trainer::FirstSample(int64_t step, int micro) const {
-  return step * spec_.train().global_batch() + static_cast<int64_t>(micro) * micro_;
+  // The global batch in sample order: rank r of the data-parallel group takes the r-th slice.
+  return step * spec_.train().global_batch() + static_cast<int64_t>(dp_rank_) * accum_ * micro_ +
+         static_cast<int64_t>(micro) * micro_;
 }
 
-StepStats Trainer::Step() {
+Status Trainer::WaitAll(std::vector<std::unique_ptr<comm::Work>>* works) {
+  Status first;
+  for (auto& w : *works) {
+    Status s = w->Wait(options_.comm_timeout);
+    if (!s.ok() && first.ok()) first = s;
+  }
+  works->clear();
+  return first;
+}
+
+Result<StepStats> Trainer::Step() {
   const auto t0 = std::chrono::steady_clock::now();
   StepStats st;
   st.step = step_;
   st.loss_scale = fp16_ ? scaler_.scale() : 1.f;
   model_->ZeroGrad();
-  const float dloss = st.loss_scale / (static_cast<float>(micro_) * seq_ * accum_);
+  float* g = model_->grads();
+  float* params = model_->params();
+  const int64_t n = model_->num_params();
+  comm::ProcessGroup* dp = options_.dp_group;
+  // Gradients are averaged over the global batch: each rank's share carries 1/dp.
+  const float dloss = st.loss_scale / (static_cast<float>(micro_) * seq_ * accum_ * dp_);
+
+  // Plain data parallelism: during the last micro-batch's backward, gradient ranges arrive
+  // from the end of the flat buffer to its start; contiguous ranges are gathered into buckets
+  // and each full bucket's all-reduce is launched at once.
+  int64_t lo = -1, hi = -1;
+  auto launch = [&] {
+    pending_.push_back(dp->AllReduce(g + lo, static_cast<size_t>(hi - lo), comm::ElemType::kF32,
+                                     comm::ReduceOp::kSum));
+    lo = hi = -1;
+  };
+  const model::Gpt::GradReadyFn on_ready = [&](int64_t offset, int64_t count) {
+    if (lo < 0) {
+      hi = offset + count;
+    } else {
+      CHECK(offset + count == lo);
+    }
+    lo = offset;
+    if ((hi - lo) * static_cast<int64_t>(sizeof(float)) >= options_.bucket_bytes) launch();
+  };
+  const bool bucketed = dp_ > 1 && !zero1_;
+
   double loss_sum = 0.0;
   for (int m = 0; m < accum_; ++m) {
     data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
                      targets_.data());
     loss_sum += model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
-    model_->Backward();
+    model_->Backward(bucketed && m == accum_ - 1 ? on_ready : nullptr);
   }
+  if (lo >= 0) launch();
   st.loss = static_cast<float>(loss_sum / accum_);
-  const int64_t n = model_->num_params();
-  float* g = model_->grads();
-  if (st.loss_scale != 1.f) model::Scale(g, n, 1.f / st.loss_scale);
-  const double norm = std::sqrt(model::SumOfSquares(g, n));
+
+  // The gradient this rank updates: all of it, or its ZeRO-1 shard.
+  float* ug = g;
+  float* up = params;
+  int64_t un = n;
+  if (dp_ > 1) {
+    pending_.push_back(dp->AllReduce(&st.loss, 1, comm::ElemType::kF32, comm::ReduceOp::kAvg));
+    if (zero1_) {
+      const float* src = g;
+      if (static_cast<int64_t>(padded_.size()) != n) {
+        std::copy(g, g + n, padded_.begin());
+        std::fill(padded_.begin() + n, padded_.end(), 0.f);
+        src = padded_.data();
+      }
+      pending_.push_back(dp->ReduceScatter(src, shard_buf_.data(), static_cast<size_t>(shard_),
+                                           comm::ElemType::kF32, comm::ReduceOp::kSum));
+      ug = shard_buf_.data();
+      up = params + adam_->offset();
+      un = adam_->size();
+    }
+    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+  }
+  if (st.loss_scale != 1.f) model::Scale(ug, un, 1.f / st.loss_scale);
+  double sumsq = model::SumOfSquares(ug, un);
+  if (zero1_) {  // every parameter is counted once: in its owner's shard
+    pending_.push_back(dp->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
+    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+  }
+  const double norm = std::sqrt(sumsq);
   st.grad_norm = static_cast<float>(norm);
+  // Every rank sees the same norm, so every rank takes the same skip decision.
   const bool finite = std::isfinite(norm);
   st.applied = fp16_ ? scaler_.Update(finite) : finite;
   st.lr = model::LearningRate(step_, spec_.train().steps(), spec_.train().warmup(),
@@ -91,9 +179,17 @@ StepStats Trainer::Step() {
     const double clip = spec_.train().grad_clip();
     if (clip > 0) {
       const double coef = clip / (norm + 1e-6);
-      if (coef < 1.0) model::Scale(g, n, static_cast<float>(coef));
+      if (coef < 1.0) model::Scale(ug, un, static_cast<float>(coef));
     }
-    adam_->Update(model_->params(), g, st.lr, ++opt_step_);
+    adam_->Update(up, ug, st.lr, ++opt_step_);
+    if (zero1_) {
+      std::copy(up, up + un, shard_buf_.begin());
+      std::fill(shard_buf_.begin() + un, shard_buf_.end(), 0.f);
+      pending_.push_back(dp->AllGather(shard_buf_.data(), padded_.data(),
+                                       static_cast<size_t>(shard_), comm::ElemType::kF32));
+      RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+      std::copy(padded_.begin(), padded_.begin() + n, params);
+    }
     model_->RefreshComputeWeights();
   } else if (!fp16_) {
     spdlog::warn("step {}: non-finite gradient norm; update skipped", step_);
@@ -102,7 +198,8 @@ StepStats Trainer::Step() {
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
   st.tokens_per_second = tokens / st.seconds;
-  st.mfu = st.tokens_per_second * flops_per_token_ / peak_flops_;
+  // MFU per device: the global batch's FLOPs spread over dp devices.
+  st.mfu = st.tokens_per_second * flops_per_token_ / (peak_flops_ * dp_);
   return st;
 }
 
@@ -116,7 +213,7 @@ float Trainer::EvalLoss() {
   return static_cast<float>(sum / batches);
 }
 
-TrainSummary Trainer::Run(const std::atomic<bool>* stop) {
+Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
   TrainSummary sum;
   const auto t0 = std::chrono::steady_clock::now();
   double timed_tokens = 0.0, timed_seconds = 0.0;
@@ -127,7 +224,7 @@ TrainSummary Trainer::Run(const std::atomic<bool>* stop) {
       sum.interrupted = true;
       break;
     }
-    const StepStats st = Step();
+    ASSIGN_OR_RETURN(const StepStats st, Step());
     if (sum.steps == 0) sum.first_loss = st.loss;
     sum.last_loss = st.loss;
     ++sum.steps;

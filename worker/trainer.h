@@ -4,11 +4,13 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "comm/process_group.h"
 #include "common/status.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
@@ -24,6 +26,16 @@ struct TrainOptions {
   // fp16 dynamic loss scaling (torch.cuda.amp.GradScaler's defaults).
   float initial_loss_scale = 65536.f;
   int loss_scale_growth_interval = 2000;
+
+  // Data parallelism: this rank's data-parallel group (nullptr or size 1: none). Each of the
+  // group's dp ranks runs global_batch/dp samples of every step — the same samples, in the same
+  // global order, as one process would — and gradients are reduced over the group: bucketed
+  // all-reduces launched while backward is still running, or, with parallel.zero1, a
+  // reduce-scatter after which each rank updates its shard of the fp32 master weights and AdamW
+  // moments and the parameters are all-gathered.
+  comm::ProcessGroup* dp_group = nullptr;
+  int64_t bucket_bytes = 4 << 20;  // all-reduce bucket size
+  std::chrono::milliseconds comm_timeout{30000};
 };
 
 struct StepStats {
@@ -60,11 +72,13 @@ class Trainer {
                                                  const TrainOptions& options);
 
   // One optimizer step over global_batch samples.
-  StepStats Step();
+  // A failed collective (timeout, lost peer) aborts the step with its status.
+  Result<StepStats> Step();
   // Mean loss over eval.batches validation micro-batches.
   float EvalLoss();
-  // Steps until train.steps (or options.max_steps) or until *stop becomes true.
-  TrainSummary Run(const std::atomic<bool>* stop);
+  // Steps until train.steps (or options.max_steps) or until *stop becomes true. Fails with the
+  // step's status when a collective fails.
+  Result<TrainSummary> Run(const std::atomic<bool>* stop);
 
   model::Gpt& model() { return *model_; }
   const Dataset& data() const { return data_; }
@@ -83,7 +97,17 @@ class Trainer {
   std::unique_ptr<model::AdamW> adam_;
   model::LossScaler scaler_;
   bool fp16_ = false;
+  // Reduces gradients over the data-parallel group and applies the update (dp > 1).
+  Status ReduceAndUpdate(StepStats* st);
+  Status WaitAll(std::vector<std::unique_ptr<comm::Work>>* works);
+
   int micro_ = 0, accum_ = 0, seq_ = 0;
+  int dp_ = 1, dp_rank_ = 0;
+  bool zero1_ = false;
+  int64_t shard_ = 0;             // ZeRO-1: elements per rank (padded)
+  std::vector<float> padded_;     // ZeRO-1: dp * shard_ gradients / gathered parameters
+  std::vector<float> shard_buf_;  // ZeRO-1: this rank's reduced gradient shard
+  std::vector<std::unique_ptr<comm::Work>> pending_;
   int64_t step_ = 0, opt_step_ = 0, total_steps_ = 0;
   double flops_per_token_ = 0.0, peak_flops_ = 0.0;
   std::vector<int32_t> inputs_, targets_;
