@@ -12,9 +12,16 @@
 //   OK                  when this rank's part is complete and its output buffers may be read,
 //   DEADLINE_EXCEEDED   "<group>: <op> timed out after <ms> ms" when it did not finish in time
 //                       (e.g. a peer never joined); the group is then unusable (Abort() it),
-//   UNAVAILABLE / INTERNAL on a transport error, naming the group, the op and the peer if known.
-// Buffers must stay valid until Wait returns (or the group is aborted). Collectives must be
-// issued in the same order on every rank of a group. count may be 0.
+//   UNAVAILABLE / INTERNAL on a transport error, naming the group, the op and the peer if known,
+//   CANCELLED           when the group was aborted (by this rank or, in-process, by a peer),
+//   INVALID_ARGUMENT    for a bad root/peer/tag, or (in-process) ranks that disagree on the op.
+// Buffers must stay valid until Wait returns OK. After DEADLINE_EXCEEDED the op may still be in
+// flight: Wait may be called again (it completes if the late peer joins), or the group must be
+// aborted/destroyed before the buffers are released; when Abort() returns (in-process, Gloo) no
+// op of the group touches user memory any more. MPI cannot cancel a collective: the buffers of
+// an MPI op that never completes must outlive the process (a failure ends an MPI run anyway).
+// Collectives must be issued in the same order on every rank of a group. count may be 0.
+// A group's methods may be called from several threads; the issue order is the order of calls.
 #pragma once
 
 #include <chrono>
@@ -31,7 +38,8 @@ namespace strata::comm {
 enum class ElemType { kF32, kF64, kI32, kI64, kU8, kBF16, kF16 };
 size_t ElemSize(ElemType t);
 
-// kAvg divides by the group size after summing. bf16/f16 reduce in fp32 and round once.
+// kAvg divides by the group size after summing (integer types: truncating division).
+// bf16/f16 reduce in fp32 and round once.
 enum class ReduceOp { kSum, kAvg, kMax };
 
 class Work {
@@ -72,7 +80,9 @@ class ProcessGroup {
   virtual Result<std::unique_ptr<ProcessGroup>> Split(const std::vector<int>& ranks,
                                                       const std::string& name) = 0;
 
-  // Tears the group down after a failure or timeout; pending Works then fail. Idempotent.
+  // Tears the group down after a failure or timeout; pending Works then fail (CANCELLED) and
+  // later ops fail at once. Peers notice: in-process their pending ops fail too, Gloo closes the
+  // connections; MPI only marks the local handle. Idempotent; the destructor implies it.
   virtual void Abort() = 0;
 };
 

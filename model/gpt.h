@@ -8,6 +8,16 @@
 // statistics, the loss and all parameter gradients in fp32 (what torch.autocast does).
 //
 // Gradients accumulate (+=) over micro-batches until ZeroGrad().
+//
+// Tensor parallelism (Megatron), when Create gets a TensorParallelComm of size tp > 1: rank r
+// owns heads [r*NH/tp, (r+1)*NH/tp). attn.c_attn and mlp.c_fc are column-parallel (output rows
+// split, local bias), attn.c_proj and mlp.c_proj row-parallel (input columns split, the full
+// bias replicated and added after the all-reduce of the output). wte is vocabulary-parallel
+// (contiguous row ranges, the vocabulary padded up to a multiple of tp) for both the embedding
+// and the tied LM head, whose cross-entropy is computed from local logits with all-reduces of
+// the row max, the sum of exponentials and the target logit. LayerNorms and wpe are replicated.
+// Backward all-reduces the input gradient of every column-parallel GEMM before the LayerNorm
+// backward it feeds. Each rank's flat buffers hold only its local tensors (see ParamTensor).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +31,8 @@
 
 namespace strata::model {
 
+class TensorParallelComm;
+
 struct GptConfig {
   int vocab_size = 256;
   int max_seq_len = 128;
@@ -30,16 +42,38 @@ struct GptConfig {
   bool recompute = false;  // recompute each block's activations during backward
 
   Status Validate() const;
-  int64_t NumParameters() const;
+  int64_t NumParameters() const;  // of the whole (unsharded) model
   std::string ToString() const;
 };
 
 struct ParamTensor {
-  std::string name;  // Hugging Face GPT-2 name without the "transformer." prefix
-  std::vector<int64_t> shape;
-  int64_t offset = 0;  // into the flat parameter buffer, in elements
-  int64_t numel = 0;
-  bool decay = false;  // AdamW weight decay applies (2-D weights and embeddings)
+  std::string name;            // Hugging Face GPT-2 name without the "transformer." prefix
+  std::vector<int64_t> shape;  // this rank's local tensor
+  int64_t offset = 0;          // into the flat parameter buffer, in elements
+  int64_t numel = 0;           // of the local tensor
+  bool decay = false;          // AdamW weight decay applies (2-D weights and embeddings)
+
+  // Tensor parallelism. `global_shape` is the tensor of the unsharded model (same name).
+  // shard_dim -1: replicated — every TP rank holds all of it and, after Backward, the same
+  // gradient (count it on one rank only in a global norm). shard_dim 0 or 1: global dimension
+  // shard_dim is made of `shard_blocks` equal blocks (3 for c_attn: q | k | v, else 1), and of
+  // each block this rank holds the `shard_extent` entries starting at `shard_offset`: local
+  // block g along shard_dim is global [g * global_block + shard_offset, ... + shard_extent).
+  // A local block may be longer than shard_extent; the rest is padding (wte when tp does not
+  // divide the vocabulary): zero, zero gradient, no counterpart in the global tensor.
+  // The sharding is described the same way at tp = 1 (offset 0, extent the whole dimension).
+  // (Every field has an initializer, so aggregate initialisation of the fields above still
+  // compiles under -Wmissing-field-initializers.)
+  std::vector<int64_t> global_shape = {};
+  int shard_dim = -1;
+  int shard_blocks = 1;
+  int64_t shard_offset = 0;
+  int64_t shard_extent = 0;
+
+  bool replicated() const { return shard_dim < 0; }
+  // Row-major index into the global tensor of local element `i` (in [0, numel)), or -1 when
+  // the element is padding.
+  int64_t GlobalIndex(int64_t i) const;
 };
 
 class Gpt {
@@ -47,14 +81,16 @@ class Gpt {
   virtual ~Gpt() = default;
 
   // Allocates parameters, gradients and activations for micro-batches of at most
-  // max_batch x max_seq tokens. INVALID_ARGUMENT for a bad config.
+  // max_batch x max_seq tokens. INVALID_ARGUMENT for a bad config, or (naming parallel.tp) when
+  // the TP size does not divide model.heads. `tp` (not owned, must outlive the model) is this
+  // rank's tensor-parallel group; nullptr or a group of size 1 means no tensor parallelism.
   static Result<std::unique_ptr<Gpt>> Create(const GptConfig& config, DType compute, int max_batch,
-                                             int max_seq);
+                                             int max_seq, TensorParallelComm* tp = nullptr);
 
   virtual const GptConfig& config() const = 0;
   virtual DType compute_dtype() const = 0;
-  virtual const std::vector<ParamTensor>& tensors() const = 0;
-  virtual int64_t num_params() const = 0;
+  virtual const std::vector<ParamTensor>& tensors() const = 0;  // local tensors, in buffer order
+  virtual int64_t num_params() const = 0;                       // local elements (padding included)
 
   virtual float* params() = 0;  // fp32 master weights
   virtual float* grads() = 0;   // fp32 gradients, same layout
@@ -62,24 +98,33 @@ class Gpt {
 
   // GPT-2 initialisation: N(0, 0.02), residual projections N(0, 0.02/sqrt(2*layers)), biases 0,
   // LayerNorm weight 1. Deterministic in `seed` on every platform. Refreshes compute weights.
+  // Under tensor parallelism every rank gets exactly its slice of the weights of the tp = 1
+  // model with the same seed (padding rows 0).
   virtual void InitWeights(uint64_t seed) = 0;
   // Re-derives the bf16/fp16 compute copy from the master weights (no-op for fp32).
   virtual void RefreshComputeWeights() = 0;
   virtual void ZeroGrad() = 0;
 
-  // Runs the model on inputs[b, t] and returns the mean cross-entropy against targets[b, t].
-  // When dloss != 0, d(loss_i)/d(logits) * dloss is kept for a following Backward() (pass
-  // loss_scale / (b * t * accumulation_steps)). Requires b <= max_batch, t <= max_seq.
-  virtual float Forward(const int32_t* inputs, const int32_t* targets, int b, int t,
-                        float dloss) = 0;
+  // Runs the model on inputs[b, t] and returns the mean cross-entropy against targets[b, t]
+  // (the same value on every TP rank). When dloss != 0, d(loss_i)/d(logits) * dloss is kept for
+  // a following Backward() (pass loss_scale / (b * t * accumulation_steps)). Requires
+  // b <= max_batch, t <= max_seq. Under tensor parallelism every rank of the group must call it
+  // with the same arguments. Fails only when a TP collective fails: returns that error with
+  // context; activations are then unspecified and no Backward may follow.
+  virtual Result<float> Forward(const int32_t* inputs, const int32_t* targets, int b, int t,
+                                float dloss) = 0;
   // Called during Backward when the gradients of parameters [offset, offset + count) (in
-  // elements of the flat buffer) are final for this Backward: first ln_f, then each block from
-  // the last to the first, then the embeddings (wte last: the tied head also writes it).
-  // Data-parallel training starts reducing those ranges while backward goes on.
+  // elements of this rank's flat buffer) are final for this Backward (no TP reduction is
+  // pending on them): first ln_f, then each block from the last to the first, then the
+  // embeddings (wte last: the tied head also writes it). Data-parallel training starts
+  // reducing those ranges while backward goes on.
   using GradReadyFn = std::function<void(int64_t offset, int64_t count)>;
 
   // Accumulates parameter gradients of the last Forward (which must have had dloss != 0).
-  virtual void Backward(const GradReadyFn& on_ready = nullptr) = 0;
+  // Under tensor parallelism every rank of the group must call it. Returns OK, or the error of
+  // a failed TP collective with context; the gradients are then partially accumulated: discard
+  // the step (ZeroGrad) — on_ready was called only for ranges that were final.
+  virtual Status Backward(const GradReadyFn& on_ready = nullptr) = 0;
 
   // Bytes of activation memory held for one micro-batch (for logs and tests of recompute).
   virtual int64_t activation_bytes() const = 0;

@@ -105,7 +105,7 @@ TEST(Gpt, InitialLossIsNearUniform) {
   std::vector<int32_t> x(24), y(24);
   RandomTokens(&x, 256, 1);
   RandomTokens(&y, 256, 2);
-  EXPECT_NEAR(m->Forward(x.data(), y.data(), 2, 12, 0.f), std::log(256.0), 0.05);
+  EXPECT_NEAR(m->Forward(x.data(), y.data(), 2, 12, 0.f).value(), std::log(256.0), 0.05);
 }
 
 // Central differences on the fp32 model: the analytic gradient of every tensor is checked on a
@@ -121,8 +121,8 @@ TEST(Gpt, GradientsMatchFiniteDifferences) {
   RandomTokens(&x, c.vocab_size, 3);
   RandomTokens(&y, c.vocab_size, 4);
   m->ZeroGrad();
-  m->Forward(x.data(), y.data(), b, t, 1.f / (b * t));
-  m->Backward();
+  ASSERT_TRUE(m->Forward(x.data(), y.data(), b, t, 1.f / (b * t)).ok());
+  ASSERT_TRUE(m->Backward().ok());
   std::vector<float> g(m->grads(), m->grads() + m->num_params());
   std::mt19937 rng(9);
   int checked = 0;
@@ -133,9 +133,9 @@ TEST(Gpt, GradientsMatchFiniteDifferences) {
       const float orig = *w;
       const float eps = 1e-2f;
       *w = orig + eps;
-      const double lp = m->Forward(x.data(), y.data(), b, t, 0.f);
+      const double lp = m->Forward(x.data(), y.data(), b, t, 0.f).value();
       *w = orig - eps;
-      const double lm = m->Forward(x.data(), y.data(), b, t, 0.f);
+      const double lm = m->Forward(x.data(), y.data(), b, t, 0.f).value();
       *w = orig;
       const double fd = (lp - lm) / (2.0 * eps);
       EXPECT_NEAR(g[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << p.name << "[" << i - p.offset << "]";
@@ -159,8 +159,8 @@ TEST(Gpt, RecomputeGivesIdenticalLossAndGradients) {
   RandomTokens(&y, c.vocab_size, 6);
   for (Gpt* m : {plain.get(), rec.get()}) {
     m->ZeroGrad();
-    m->Forward(x.data(), y.data(), b, t, 1.f / (b * t));
-    m->Backward();
+    ASSERT_TRUE(m->Forward(x.data(), y.data(), b, t, 1.f / (b * t)).ok());
+    ASSERT_TRUE(m->Backward().ok());
   }
   EXPECT_TRUE(std::equal(plain->grads(), plain->grads() + plain->num_params(), rec->grads()));
   EXPECT_LT(rec->activation_bytes(), plain->activation_bytes());
@@ -174,11 +174,11 @@ TEST(Gpt, GradientsAccumulateAcrossMicroBatches) {
   RandomTokens(&x, c.vocab_size, 7);
   RandomTokens(&y, c.vocab_size, 8);
   m->ZeroGrad();
-  m->Forward(x.data(), y.data(), b, t, 1.f);
-  m->Backward();
+  ASSERT_TRUE(m->Forward(x.data(), y.data(), b, t, 1.f).ok());
+  ASSERT_TRUE(m->Backward().ok());
   std::vector<float> once(m->grads(), m->grads() + m->num_params());
-  m->Forward(x.data(), y.data(), b, t, 1.f);
-  m->Backward();
+  ASSERT_TRUE(m->Forward(x.data(), y.data(), b, t, 1.f).ok());
+  ASSERT_TRUE(m->Backward().ok());
   for (int64_t i = 0; i < m->num_params(); i += 97) EXPECT_FLOAT_EQ(m->grads()[i], 2 * once[i]);
 }
 
@@ -193,16 +193,17 @@ TEST(Gpt, GradReadyCallbackCoversEveryParameterWithFinalValues) {
   RandomTokens(&x, c.vocab_size, 11);
   RandomTokens(&y, c.vocab_size, 12);
   m->ZeroGrad();
-  m->Forward(x.data(), y.data(), b, t, 1.f);
+  ASSERT_TRUE(m->Forward(x.data(), y.data(), b, t, 1.f).ok());
   struct Range {
     int64_t offset, count;
     std::vector<float> at_report;
   };
   std::vector<Range> ranges;
-  m->Backward([&](int64_t offset, int64_t count) {
+  const Gpt::GradReadyFn record = [&](int64_t offset, int64_t count) {
     ranges.push_back(
         {offset, count, std::vector<float>(m->grads() + offset, m->grads() + offset + count)});
-  });
+  };
+  ASSERT_TRUE(m->Backward(record).ok());
   ASSERT_EQ(ranges.size(), static_cast<size_t>(c.layers + 2));
   int64_t expect_end = m->num_params();
   for (const Range& r : ranges) {
@@ -222,12 +223,12 @@ TEST(Gpt, LowPrecisionComputeTracksFp32) {
   RandomTokens(&y, c.vocab_size, 2);
   auto f32 = Make(c, DType::kF32, b, t);
   Perturb(f32.get(), 4);
-  const float ref = f32->Forward(x.data(), y.data(), b, t, 0.f);
+  const float ref = f32->Forward(x.data(), y.data(), b, t, 0.f).value();
   for (DType dt : {DType::kBF16, DType::kF16}) {
     auto m = Make(c, dt, b, t);
     std::copy(f32->params(), f32->params() + f32->num_params(), m->params());
     m->RefreshComputeWeights();
-    const float l = m->Forward(x.data(), y.data(), b, t, 0.f);
+    const float l = m->Forward(x.data(), y.data(), b, t, 0.f).value();
     EXPECT_NEAR(l, ref, (dt == DType::kBF16 ? 2e-2 : 3e-3) * ref) << DTypeName(dt);
     EXPECT_NE(l, ref) << DTypeName(dt) << " gave the fp32 result bit for bit";
   }

@@ -127,8 +127,8 @@ TEST(TorchParity, Fp32TrainingMatchesPyTorchStepForStep) {
   m.ZeroGrad();
   for (int mi = 0; mi < accum; ++mi) {
     const int32_t* x = batches.data() + static_cast<size_t>(mi) * 2 * b * t;
-    m.Forward(x, x + b * t, b, t, 1.f / static_cast<float>(b * t * accum));
-    m.Backward();
+    ASSERT_TRUE(m.Forward(x, x + b * t, b, t, 1.f / static_cast<float>(b * t * accum)).ok());
+    ASSERT_TRUE(m.Backward().ok());
   }
   std::vector<float> grad0(m.grads(), m.grads() + m.num_params());
   std::vector<float> losses;

@@ -134,8 +134,15 @@ Result<StepStats> Trainer::Step() {
   for (int m = 0; m < accum_; ++m) {
     data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
                      targets_.data());
-    loss_sum += model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
-    model_->Backward(bucketed && m == accum_ - 1 ? on_ready : nullptr);
+    Result<float> loss = model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
+    Status bs = loss.ok() ? model_->Backward(bucketed && m == accum_ - 1 ? on_ready : nullptr)
+                          : loss.status();
+    if (!bs.ok()) {
+      // Buckets already launched read the gradient buffer: drain them before returning.
+      WaitAll(&pending_).IgnoreError();
+      return bs.WithContext("step " + std::to_string(step_));
+    }
+    loss_sum += *loss;
   }
   if (lo >= 0) launch();
   st.loss = static_cast<float>(loss_sum / accum_);
@@ -203,12 +210,14 @@ Result<StepStats> Trainer::Step() {
   return st;
 }
 
-float Trainer::EvalLoss() {
+Result<float> Trainer::EvalLoss() {
   const int batches = spec_.eval().batches();
   double sum = 0.0;
   for (int i = 0; i < batches; ++i) {
     data_.ValBatch(static_cast<int64_t>(i) * micro_, micro_, inputs_.data(), targets_.data());
-    sum += model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, 0.f);
+    ASSIGN_OR_RETURN(const float loss,
+                     model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, 0.f));
+    sum += loss;
   }
   return static_cast<float>(sum / batches);
 }
@@ -241,7 +250,7 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
           100.0 * st.mfu, st.applied ? "" : " | SKIPPED (overflow)");
     }
     if (eval_every > 0 && (step_ % eval_every == 0 || step_ == total_steps_)) {
-      sum.last_val_loss = EvalLoss();
+      ASSIGN_OR_RETURN(sum.last_val_loss, EvalLoss());
       spdlog::info("step {:>5}/{} | val loss {:.4f}", step_, total_steps_, sum.last_val_loss);
     }
   }

@@ -75,7 +75,7 @@ class Trainer {
   // A failed collective (timeout, lost peer) aborts the step with its status.
   Result<StepStats> Step();
   // Mean loss over eval.batches validation micro-batches.
-  float EvalLoss();
+  Result<float> EvalLoss();
   // Steps until train.steps (or options.max_steps) or until *stop becomes true. Fails with the
   // step's status when a collective fails.
   Result<TrainSummary> Run(const std::atomic<bool>* stop);
