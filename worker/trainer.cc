@@ -5,6 +5,7 @@
 
 #include "common/logging.h"
 #include "model/cpu_info.h"
+#include "worker/tp_comm.h"
 
 namespace strata::worker {
 
@@ -47,7 +48,13 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   }
   t->accum_ = gb / (t->dp_ * t->micro_);
   t->zero1_ = t->dp_ > 1 && spec.parallel().zero1();
-  ASSIGN_OR_RETURN(t->model_, model::Gpt::Create(cfg, dtype, t->micro_, t->seq_));
+  if (options.tp_group != nullptr && options.tp_group->size() > 1) {
+    t->tp_ = options.tp_group->size();
+    t->tp_rank_ = options.tp_group->rank();
+    t->tp_comm_ = std::make_unique<ProcessGroupTpComm>(options.tp_group, options.comm_timeout);
+  }
+  ASSIGN_OR_RETURN(t->model_,
+                   model::Gpt::Create(cfg, dtype, t->micro_, t->seq_, t->tp_comm_.get()));
   t->model_->InitWeights(spec.train().seed());
   model::AdamWConfig ac;
   ac.beta1 = static_cast<float>(spec.train().beta1());
@@ -85,6 +92,17 @@ int64_t Trainer::FirstSample(int64_t step, int micro) const {
   // The global batch in sample order: rank r of the data-parallel group takes the r-th slice.
   return step * spec_.train().global_batch() + static_cast<int64_t>(dp_rank_) * accum_ * micro_ +
          static_cast<int64_t>(micro) * micro_;
+}
+
+double Trainer::LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const {
+  if (tp_rank_ == 0) return model::SumOfSquares(g, n);
+  double sum = 0.0;
+  for (const model::ParamTensor& t : model_->tensors()) {
+    if (t.replicated()) continue;
+    const int64_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, lo + n);
+    if (a < b) sum += model::SumOfSquares(g + (a - lo), b - a);
+  }
+  return sum;
 }
 
 Status Trainer::WaitAll(std::vector<std::unique_ptr<comm::Work>>* works) {
@@ -169,9 +187,17 @@ Result<StepStats> Trainer::Step() {
     RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
   }
   if (st.loss_scale != 1.f) model::Scale(ug, un, 1.f / st.loss_scale);
-  double sumsq = model::SumOfSquares(ug, un);
-  if (zero1_) {  // every parameter is counted once: in its owner's shard
+  double sumsq = LocalSumOfSquares(ug, up - params, un);
+  // Every parameter is counted once: ZeRO-1 shards are disjoint over dp, tensor-parallel
+  // shards over tp (replicated tensors count on tp rank 0 only).
+  // (One after the other: both reduce the same scalar.)
+  if (zero1_) {
     pending_.push_back(dp->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
+    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+  }
+  if (tp_ > 1) {
+    pending_.push_back(
+        options_.tp_group->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
     RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
   }
   const double norm = std::sqrt(sumsq);
@@ -205,8 +231,8 @@ Result<StepStats> Trainer::Step() {
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
   st.tokens_per_second = tokens / st.seconds;
-  // MFU per device: the global batch's FLOPs spread over dp devices.
-  st.mfu = st.tokens_per_second * flops_per_token_ / (peak_flops_ * dp_);
+  // MFU per device: the global batch's FLOPs spread over dp * tp devices.
+  st.mfu = st.tokens_per_second * flops_per_token_ / (peak_flops_ * dp_ * tp_);
   return st;
 }
 

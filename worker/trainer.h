@@ -14,6 +14,7 @@
 #include "common/status.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
+#include "model/tensor_parallel.h"
 #include "proto/job.pb.h"
 #include "worker/data.h"
 
@@ -34,6 +35,9 @@ struct TrainOptions {
   // reduce-scatter after which each rank updates its shard of the fp32 master weights and AdamW
   // moments and the parameters are all-gathered.
   comm::ProcessGroup* dp_group = nullptr;
+  // Tensor parallelism: this rank's tensor-parallel group (nullptr or size 1: none). All ranks
+  // of a TP group belong to the same data-parallel slice and see the same samples.
+  comm::ProcessGroup* tp_group = nullptr;
   int64_t bucket_bytes = 4 << 20;  // all-reduce bucket size
   std::chrono::milliseconds comm_timeout{30000};
 };
@@ -100,9 +104,13 @@ class Trainer {
   // Reduces gradients over the data-parallel group and applies the update (dp > 1).
   Status ReduceAndUpdate(StepStats* st);
   Status WaitAll(std::vector<std::unique_ptr<comm::Work>>* works);
+  // Sum of squares of the gradients in `g` (elements [lo, lo + n) of the local flat buffer),
+  // counting replicated tensors on tensor-parallel rank 0 only.
+  double LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const;
 
   int micro_ = 0, accum_ = 0, seq_ = 0;
-  int dp_ = 1, dp_rank_ = 0;
+  int dp_ = 1, dp_rank_ = 0, tp_ = 1, tp_rank_ = 0;
+  std::unique_ptr<model::TensorParallelComm> tp_comm_;
   bool zero1_ = false;
   int64_t shard_ = 0;             // ZeRO-1: elements per rank (padded)
   std::vector<float> padded_;     // ZeRO-1: dp * shard_ gradients / gathered parameters
