@@ -26,8 +26,9 @@ constexpr const char* kUsage =
     "usage: strata <command> [args]\n"
     "\n"
     "commands:\n"
-    "  train JOB.yaml [--max-steps N] [--threads N] [--log-level LEVEL]\n"
-    "        train the job in this process (CPU); one log line per step\n"
+    "  train JOB.yaml [--max-steps N] [--threads N] [--metrics FILE] [--log-level LEVEL]\n"
+    "        train the job in this process (CPU); one log line per step; --metrics appends\n"
+    "        one JSON line per step to FILE\n"
     "  validate JOB.yaml\n"
     "        check a job spec and print it with every default filled in\n"
     "  help  this text\n";
@@ -86,6 +87,10 @@ int Train(const std::vector<std::string>& args) {
         opt.max_steps = v;
       else
         opt.threads = static_cast<int>(v);
+    } else if (a == "--metrics") {
+      const std::string* s = value(a.c_str());
+      if (s == nullptr) return Usage("--metrics needs a file path");
+      opt.metrics_path = *s;
     } else if (a == "--log-level") {
       const std::string* s = value(a.c_str());
       if (s == nullptr) return Usage("--log-level needs a value (trace|debug|info|warn|error)");

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 
 #include "common/logging.h"
 #include "model/cpu_info.h"
@@ -253,6 +254,17 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
   const auto t0 = std::chrono::steady_clock::now();
   double timed_tokens = 0.0, timed_seconds = 0.0;
   const int log_every = std::max(1, spec_.train().log_every());
+  std::FILE* metrics = nullptr;
+  if (!options_.metrics_path.empty()) {
+    metrics = std::fopen(options_.metrics_path.c_str(), "a");
+    if (metrics == nullptr) return IoError("cannot open metrics file " + options_.metrics_path);
+  }
+  struct Closer {
+    std::FILE* f;
+    ~Closer() {
+      if (f) std::fclose(f);
+    }
+  } closer{metrics};
   const int eval_every = spec_.eval().every();
   while (step_ < total_steps_) {
     if (stop != nullptr && stop->load()) {
@@ -260,6 +272,14 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
       break;
     }
     ASSIGN_OR_RETURN(const StepStats st, Step());
+    if (metrics != nullptr) {
+      std::fprintf(metrics,
+                   "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,"
+                   "\"tokens_per_s\":%.1f,\"applied\":%s}\n",
+                   static_cast<long long>(st.step + 1), st.loss, st.lr, st.grad_norm,
+                   st.tokens_per_second, st.applied ? "true" : "false");
+      std::fflush(metrics);
+    }
     if (sum.steps == 0) sum.first_loss = st.loss;
     sum.last_loss = st.loss;
     ++sum.steps;
@@ -277,6 +297,11 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
     }
     if (eval_every > 0 && (step_ % eval_every == 0 || step_ == total_steps_)) {
       ASSIGN_OR_RETURN(sum.last_val_loss, EvalLoss());
+      if (metrics != nullptr) {
+        std::fprintf(metrics, "{\"step\":%lld,\"val_loss\":%.9g}\n", static_cast<long long>(step_),
+                     sum.last_val_loss);
+        std::fflush(metrics);
+      }
       spdlog::info("step {:>5}/{} | val loss {:.4f}", step_, total_steps_, sum.last_val_loss);
     }
   }

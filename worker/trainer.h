@@ -24,6 +24,9 @@ struct TrainOptions {
   int64_t max_steps = -1;  // stop after this many steps (< 0: train.steps)
   int threads = -1;        // overrides resources.threads when >= 0
   bool log_steps = true;   // one log line per step (every train.log_every)
+  // When set, one JSON line per step ({"step":..,"loss":..,"lr":..,"grad_norm":..,
+  // "tokens_per_s":..,"applied":..}, full float precision) and per validation is appended here.
+  std::string metrics_path;
   // fp16 dynamic loss scaling (torch.cuda.amp.GradScaler's defaults).
   float initial_loss_scale = 65536.f;
   int loss_scale_growth_interval = 2000;

@@ -1,0 +1,198 @@
+// strata-worker: the mpirun entry (architecture mode 2).
+//
+//   mpirun -np 8 strata-worker --job job.yaml --dp 2 --tp 2 --pp 2
+//   mpirun -np 4 strata-worker --job job.yaml          # layout chosen by a simple rule
+//
+// MPI gives the ranks; every rank loads the same job, builds the same 3D grid and splits its
+// groups; rank 0 prints the layout and the per-step log. A failure ends the run (MPI semantics).
+// The daemon mode (--coordinator) arrives with the coordinator issue.
+//
+// Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/grid.h"
+#include "comm/mpi.h"
+#include "common/logging.h"
+#include "model/cpu_info.h"
+#include "proto/job_spec.h"
+#include "worker/trainer.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: mpirun -np N strata-worker --job JOB.yaml [--dp N] [--tp N] [--pp N] [--zero1]\n"
+    "                                  [--max-steps N] [--threads N] [--metrics FILE]\n"
+    "                                  [--log-level LEVEL]\n"
+    "  --dp/--tp/--pp override parallel.dp/tp/pp of the job (0 or absent: chosen by the rule\n"
+    "  tp = pp = 1, dp = world size). --threads: CPU threads per rank (default: cores divided\n"
+    "  among the ranks on this node). --metrics: rank 0 appends one JSON line per step.\n";
+
+struct Args {
+  std::string job, metrics, level = "info";
+  int dp = -1, tp = -1, pp = -1, threads = -1;
+  long long max_steps = -1;
+  bool zero1 = false;
+};
+
+bool ParseInt(const std::string& s, long long* out) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || *end != '\0' || errno != 0 || v < 0) return false;
+  *out = v;
+  return true;
+}
+
+strata::Status ParseArgs(int argc, char** argv, Args* a) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string f = argv[i];
+    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    if (f == "--zero1") {
+      a->zero1 = true;
+      continue;
+    }
+    if (f == "--help" || f == "-h") return strata::InvalidArgument("");
+    const char* v = value();
+    if (v == nullptr) return strata::InvalidArgument(f + " needs a value");
+    long long n = 0;
+    if (f == "--job") {
+      a->job = v;
+    } else if (f == "--metrics") {
+      a->metrics = v;
+    } else if (f == "--log-level") {
+      a->level = v;
+    } else if (f == "--dp" || f == "--tp" || f == "--pp" || f == "--threads" ||
+               f == "--max-steps") {
+      if (!ParseInt(v, &n)) {
+        return strata::InvalidArgument(f + ": '" + v + "' is not a non-negative integer");
+      }
+      if (f == "--dp") a->dp = static_cast<int>(n);
+      if (f == "--tp") a->tp = static_cast<int>(n);
+      if (f == "--pp") a->pp = static_cast<int>(n);
+      if (f == "--threads") a->threads = static_cast<int>(n);
+      if (f == "--max-steps") a->max_steps = n;
+    } else {
+      return strata::InvalidArgument("unknown flag '" + f + "'");
+    }
+  }
+  if (a->job.empty()) return strata::InvalidArgument("--job JOB.yaml is required");
+  return strata::Status::Ok();
+}
+
+// Threads per rank when not given: this node's cores divided among its ranks.
+int DefaultThreads() {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int ranks = local ? std::max(1, std::atoi(local)) : 1;
+  return std::max(1, cores / ranks);
+}
+
+int Fail(int rank, const std::string& what, const strata::Status& s) {
+  if (rank == 0 || s.code() != strata::StatusCode::kInvalidArgument) {
+    std::fprintf(stderr, "strata-worker[%d]: %s: %s\n", rank, what.c_str(), s.message().c_str());
+  }
+  const int code = (s.code() == strata::StatusCode::kInvalidArgument ||
+                    s.code() == strata::StatusCode::kNotFound)
+                       ? 2
+                       : 1;
+  // Every rank reaches the same verdict on bad input, so all can finalise; after a runtime
+  // failure peers may be stuck in a collective and MPI ends the job when this rank exits.
+  if (code == 2) strata::comm::MpiFinalize().IgnoreError();
+  return code;
+}
+
+int Main(int argc, char** argv) {
+  strata::Status st = strata::comm::MpiInit(&argc, &argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "strata-worker: MPI: %s\n", st.message().c_str());
+    return 1;
+  }
+  const int rank = strata::comm::MpiWorldRank(), world_size = strata::comm::MpiWorldSize();
+  Args a;
+  st = ParseArgs(argc, argv, &a);
+  if (!st.ok()) {
+    if (rank == 0) {
+      if (!st.message().empty())
+        std::fprintf(stderr, "strata-worker: %s\n\n", st.message().c_str());
+      std::fprintf(stderr, "%s", kUsage);
+    }
+    strata::comm::MpiFinalize().IgnoreError();
+    return 2;
+  }
+  strata::InitLogging(rank == 0 ? a.level.c_str() : "warn");
+
+  auto spec = strata::spec::LoadJobFile(a.job);
+  if (!spec.ok()) return Fail(rank, a.job, spec.status());
+  auto* par = spec->mutable_parallel();
+  if (a.dp >= 0) par->set_dp(a.dp);
+  if (a.tp >= 0) par->set_tp(a.tp);
+  if (a.pp >= 0) par->set_pp(a.pp);
+  if (a.zero1) par->set_zero1(true);
+  // The simple rule for "auto": no model parallelism, all ranks data-parallel.
+  const int tp = par->tp() > 0 ? par->tp() : 1;
+  const int pp = par->pp() > 0 ? par->pp() : 1;
+  const int dp = par->dp() > 0 ? par->dp() : std::max(1, world_size / (tp * pp));
+  auto grid = strata::comm::Grid::Create(world_size, dp, tp, pp);
+  if (!grid.ok()) return Fail(rank, "layout", grid.status());
+  st = strata::comm::CheckModelFits(*grid, spec->model().heads(), spec->model().d_model(),
+                                    spec->model().vocab_size(), spec->model().layers());
+  if (!st.ok()) return Fail(rank, "layout", st);
+  if (pp > 1) {
+    return Fail(rank, "layout",
+                strata::Unimplemented("parallel.pp = " + std::to_string(pp) +
+                                      ": pipeline parallelism is not wired into strata-worker yet; "
+                                      "use pp = 1"));
+  }
+  par->set_dp(dp);
+  par->set_tp(tp);
+  par->set_pp(pp);
+
+  auto world = strata::comm::MakeMpiWorldGroup();
+  if (!world.ok()) return Fail(rank, "MPI world group", world.status());
+  auto groups = strata::comm::SplitGrid(**world, *grid);
+  if (!groups.ok()) return Fail(rank, "process groups", groups.status());
+
+  strata::worker::TrainOptions opt;
+  opt.threads = a.threads >= 0 ? a.threads : DefaultThreads();
+  opt.max_steps = a.max_steps;
+  opt.log_steps = rank == 0;
+  opt.dp_group = groups->dp.get();
+  opt.tp_group = groups->tp.get();
+  if (rank == 0) opt.metrics_path = a.metrics;
+  auto trainer = strata::worker::Trainer::Create(*spec, opt);
+  if (!trainer.ok()) return Fail(rank, a.job, trainer.status());
+  if (rank == 0) {
+    spdlog::info("job '{}': world {} = dp {} x tp {} x pp {}{}, {} threads per rank", spec->name(),
+                 world_size, dp, tp, pp, par->zero1() ? " (ZeRO-1)" : "",
+                 strata::model::NumThreads());
+    std::fprintf(stderr, "%s\n", grid->Describe().c_str());
+  }
+  // No SIGINT handler: ranks could notice a flag at different steps and leave their peers in a
+  // collective; Ctrl-C ends the MPI job (mpirun forwards it) and --resume (checkpoint issue)
+  // continues it.
+  auto run = (*trainer)->Run(nullptr);
+  if (!run.ok()) return Fail(rank, "training", run.status());
+  if (rank == 0) {
+    const auto& s = *run;
+    spdlog::info("{}: {} steps in {:.1f} s | loss {:.4f} -> {:.4f}{} | {:.0f} tok/s",
+                 s.interrupted ? "interrupted" : "done", s.steps, s.seconds, s.first_loss,
+                 s.last_loss,
+                 s.last_val_loss >= 0 ? fmt::format(" | val loss {:.4f}", s.last_val_loss) : "",
+                 s.tokens_per_second);
+  }
+  groups->tp.reset();
+  groups->pp.reset();
+  groups->dp.reset();
+  world->reset();
+  st = strata::comm::MpiFinalize();
+  if (!st.ok()) std::fprintf(stderr, "strata-worker[%d]: %s\n", rank, st.message().c_str());
+  return run->interrupted ? 130 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return Main(argc, argv); }

@@ -1,0 +1,74 @@
+#!/usr/bin/python3
+"""The equivalence suite under mpirun: every layout trains the same model.
+
+`strata train` (one process) and `mpirun -np N strata-worker` with each layout train the same job
+for the same steps; rank 0 of each writes its per-step losses (--metrics, full float precision);
+every layout's losses must match the one-process run to <= 1e-5 relative at every step.
+
+  /usr/bin/python3 tests/mpi/equivalence.py BUILD_DIR
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+STEPS = 20
+TOL = 1e-5
+# (dp, tp, pp, zero1); world = dp * tp * pp.
+LAYOUTS = [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (4, 1, 1, False),
+           (1, 4, 1, False), (2, 1, 1, True), (4, 1, 1, True), (2, 2, 1, True)]
+
+
+def losses(path):
+    with open(path) as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
+def main(build):
+    strata = os.path.join(build, "bin", "strata")
+    worker = os.path.join(build, "bin", "strata-worker")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    with tempfile.TemporaryDirectory() as d:
+        rng = random.Random(3)
+        words = "the cat sat on a mat and dog ran to see it was very happy today".split()
+        with open(os.path.join(d, "input.txt"), "w") as f:
+            f.write(" ".join(rng.choice(words) for _ in range(8000)))
+        job = os.path.join(d, "job.yaml")
+        with open(job, "w") as f:
+            f.write("model: {layers: 2, heads: 4, d_model: 32, seq_len: 16}\n"
+                    "data: {train: input.txt}\n"
+                    f"train: {{steps: {STEPS}, global_batch: 8, micro_batch: 2, lr: 3.0e-3,"
+                    " warmup: 3, seed: 11}\n"
+                    "eval: {every: 0}\n")
+        ref_path = os.path.join(d, "ref.jsonl")
+        subprocess.run([strata, "train", job, "--threads", "1", "--metrics", ref_path],
+                       check=True, capture_output=True, env=env)
+        ref = losses(ref_path)
+        assert len(ref) == STEPS, ref
+        assert ref[-1] < ref[0] - 0.5, f"reference run did not learn: {ref}"
+        failed = 0
+        for dp, tp, pp, zero1 in LAYOUTS:
+            name = f"dp{dp}_tp{tp}_pp{pp}" + ("_zero1" if zero1 else "")
+            out = os.path.join(d, name + ".jsonl")
+            cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(dp * tp * pp),
+                   worker, "--job", job, "--dp", str(dp), "--tp", str(tp), "--pp", str(pp),
+                   "--threads", "1", "--metrics", out] + (["--zero1"] if zero1 else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+            if proc.returncode != 0:
+                print(f"FAIL {name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+                failed += 1
+                continue
+            got = losses(out)
+            worst = max((abs(a - b) / abs(b) for a, b in zip(got, ref)), default=float("inf"))
+            ok = len(got) == len(ref) and worst <= TOL
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: {len(got)} steps, max relative loss "
+                  f"difference {worst:.3g}")
+            failed += 0 if ok else 1
+        print(f"{len(LAYOUTS) - failed} passed, {failed} failed")
+        return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
