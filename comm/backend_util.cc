@@ -19,8 +19,7 @@ Status CheckPeer(const std::string& group, const char* op, const char* what, int
 
 Status CheckTag(const std::string& group, const char* op, int tag) {
   if (tag < 0) {
-    return InvalidArgument(OpLabel(group, op) + ": tag " + std::to_string(tag) +
-                           " is negative");
+    return InvalidArgument(OpLabel(group, op) + ": tag " + std::to_string(tag) + " is negative");
   }
   return Status();
 }
@@ -35,9 +34,9 @@ Status CheckBuffer(const std::string& group, const char* op, const void* p, size
 
 Status TimedOut(const std::string& group, const char* op, std::chrono::milliseconds timeout,
                 const std::string& detail) {
-  return Status(StatusCode::kDeadlineExceeded,
-                OpLabel(group, op) + " timed out after " + std::to_string(timeout.count()) +
-                    " ms" + (detail.empty() ? "" : " (" + detail + ")"));
+  return Status(StatusCode::kDeadlineExceeded, OpLabel(group, op) + " timed out after " +
+                                                   std::to_string(timeout.count()) + " ms" +
+                                                   (detail.empty() ? "" : " (" + detail + ")"));
 }
 
 std::chrono::steady_clock::time_point DeadlineAfter(std::chrono::milliseconds timeout) {

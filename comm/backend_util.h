@@ -27,16 +27,14 @@ inline std::unique_ptr<Work> Done(Status s = Status()) {
 
 // In a method returning std::unique_ptr<Work>: returns a finished Work holding `expr`'s status
 // when that is not OK.
-#define RETURN_WORK_IF_ERROR(expr)                                         \
-  do {                                                                     \
-    ::strata::Status _st = (expr);                                         \
+#define RETURN_WORK_IF_ERROR(expr)                                        \
+  do {                                                                    \
+    ::strata::Status _st = (expr);                                        \
     if (!_st.ok()) return ::strata::comm::internal::Done(std::move(_st)); \
   } while (0)
 
 // "<group>: <op>" — the prefix of every message about an op.
-inline std::string OpLabel(const std::string& group, const char* op) {
-  return group + ": " + op;
-}
+inline std::string OpLabel(const std::string& group, const char* op) { return group + ": " + op; }
 
 // Checks a peer rank (root, src, dst) against the group; self is allowed only if allow_self.
 Status CheckPeer(const std::string& group, const char* op, const char* what, int peer, int rank,

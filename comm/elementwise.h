@@ -10,7 +10,7 @@
 
 namespace strata::comm::internal {
 
-const char* ElemTypeName(ElemType t);  // "f32", "bf16", ...
+const char* ElemTypeName(ElemType t);   // "f32", "bf16", ...
 const char* ReduceOpName(ReduceOp op);  // "sum", "avg", "max"
 
 // bf16 and f16 travel as 16-bit patterns and are reduced in fp32.

@@ -10,7 +10,6 @@
 #include <gloo/transport/tcp/device.h>
 #include <gloo/transport/unbound_buffer.h>
 #include <gloo/types.h>
-#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -183,8 +182,8 @@ class GlooWork final : public Work {
 };
 
 template <typename T>
-void GlooAllreduce(const std::shared_ptr<gloo::Context>& ctx, T* buf, size_t count,
-                   ElemType type, ReduceOp op, uint32_t tag, milliseconds timeout) {
+void GlooAllreduce(const std::shared_ptr<gloo::Context>& ctx, T* buf, size_t count, ElemType type,
+                   ReduceOp op, uint32_t tag, milliseconds timeout) {
   gloo::AllreduceOptions o(ctx);
   o.setOutput(buf, count);
   o.setReduceFunction([type, op](void* c, const void* a, const void* b, size_t n) {
@@ -321,8 +320,7 @@ class GlooGroup final : public ProcessGroup {
     });
   }
 
-  std::unique_ptr<Work> AllGather(const void* in, void* out, size_t count,
-                                  ElemType type) override {
+  std::unique_ptr<Work> AllGather(const void* in, void* out, size_t count, ElemType type) override {
     RETURN_WORK_IF_ERROR(internal::CheckBuffer(name(), "all_gather", in, count));
     RETURN_WORK_IF_ERROR(internal::CheckBuffer(name(), "all_gather", out, count));
     if (count == 0 || size() == 1) {
@@ -388,8 +386,7 @@ class GlooGroup final : public ProcessGroup {
   Result<std::unique_ptr<ProcessGroup>> Split(const std::vector<int>& ranks,
                                               const std::string& new_name) override {
     int index = 0;
-    RETURN_IF_ERROR(
-        internal::CheckSplitRanks(name(), new_name, ranks, rank(), size(), &index));
+    RETURN_IF_ERROR(internal::CheckSplitRanks(name(), new_name, ranks, rank(), size(), &index));
     int k;
     {
       std::lock_guard<std::mutex> lock(core_->mu);
@@ -423,6 +420,7 @@ class GlooGroup final : public ProcessGroup {
   }
 
   void Abort() override {
+    std::vector<std::function<void()>> dropped;
     {
       std::lock_guard<std::mutex> lock(core_->mu);
       if (core_->broken.ok()) {
@@ -435,7 +433,12 @@ class GlooGroup final : public ProcessGroup {
         }
       }
       core_->pending.clear();
-      for (auto& [key, lane] : core_->lanes) lane->tasks.clear();
+      // Queued tasks hold unbound buffers Gloo's pairs may still reference: drop them only
+      // after the pairs are closed below.
+      for (auto& [key, lane] : core_->lanes) {
+        for (auto& task : lane->tasks) dropped.push_back(std::move(task));
+        lane->tasks.clear();
+      }
       core_->cv.notify_all();
     }
     // Interrupt whatever is blocked inside Gloo. Gloo has no abort call in this version, but
@@ -453,16 +456,19 @@ class GlooGroup final : public ProcessGroup {
     // When the running tasks have left Gloo, no op touches user memory any more.
     std::unique_lock<std::mutex> lock(core_->mu);
     core_->cv.wait(lock, [&] { return core_->busy == 0; });
+    lock.unlock();
+    dropped.clear();
   }
 
  private:
   // Size-1 groups and count-0 ops never touch Gloo: the result is local (count 0 needs no
   // synchronisation because every rank passes the same count).
-  std::unique_ptr<Work> Local(const void* in, void* out, size_t count, ElemType type,
-                              ReduceOp op, int /*root*/, const char* what) {
+  std::unique_ptr<Work> Local(const void* in, void* out, size_t count, ElemType type, ReduceOp op,
+                              int /*root*/, const char* what) {
     {
       std::lock_guard<std::mutex> lock(core_->mu);
-      if (!core_->broken.ok()) return internal::Done(core_->BrokenFor(internal::OpLabel(name(), what)));
+      if (!core_->broken.ok())
+        return internal::Done(core_->BrokenFor(internal::OpLabel(name(), what)));
     }
     const size_t bytes = count * ElemSize(type);
     if (bytes == 0 || in == out) return internal::Done();
@@ -503,8 +509,9 @@ class GlooGroup final : public ProcessGroup {
     auto op = std::make_shared<Op>();
     op->label = name() + ": " + (is_send ? "send to" : "recv from") + " rank " +
                 std::to_string(peer) + " (tag " + std::to_string(tag) + ")";
-    if (bytes == 0) return Local(nullptr, nullptr, 0, ElemType::kU8, ReduceOp::kSum, 0,
-                                 is_send ? "send" : "recv");
+    if (bytes == 0)
+      return Local(nullptr, nullptr, 0, ElemType::kU8, ReduceOp::kSum, 0,
+                   is_send ? "send" : "recv");
     std::shared_ptr<gloo::transport::UnboundBuffer> ub;
     {
       std::lock_guard<std::mutex> lock(core_->mu);
@@ -559,8 +566,8 @@ class GlooGroup final : public ProcessGroup {
 }  // namespace
 
 Result<std::unique_ptr<ProcessGroup>> MakeGlooGroup(std::shared_ptr<Store> store,
-                                                    const std::string& prefix, int rank,
-                                                    int size, milliseconds timeout,
+                                                    const std::string& prefix, int rank, int size,
+                                                    milliseconds timeout,
                                                     const GlooOptions& options) {
   const std::string name = options.name.empty() ? prefix : options.name;
   if (!store) return InvalidArgument(name + ": gloo group needs a store");
@@ -587,8 +594,8 @@ Result<std::unique_ptr<ProcessGroup>> MakeGlooGroup(std::shared_ptr<Store> store
     } else {
       attr.hostname = options.hostname;
     }
-    const std::string what = name + ": forming gloo group (rank " + std::to_string(rank) +
-                             " of " + std::to_string(size) + ", prefix '" + prefix + "')";
+    const std::string what = name + ": forming gloo group (rank " + std::to_string(rank) + " of " +
+                             std::to_string(size) + ", prefix '" + prefix + "')";
     try {
       core->device = gloo::transport::tcp::CreateDevice(attr);
       core->context = std::make_shared<gloo::rendezvous::Context>(rank, size);
@@ -599,8 +606,9 @@ Result<std::unique_ptr<ProcessGroup>> MakeGlooGroup(std::shared_ptr<Store> store
       core->device.reset();
       if (!adapter.error().ok()) return adapter.error().WithContext(what);
       const std::string msg = e.what();
-      return Status(LooksLikeTimeout(msg) ? StatusCode::kDeadlineExceeded : StatusCode::kUnavailable,
-                    what + " failed: " + msg);
+      return Status(
+          LooksLikeTimeout(msg) ? StatusCode::kDeadlineExceeded : StatusCode::kUnavailable,
+          what + " failed: " + msg);
     }
   }
   return std::unique_ptr<ProcessGroup>(std::make_unique<GlooGroup>(std::move(core)));

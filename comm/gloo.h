@@ -36,8 +36,8 @@ struct GlooOptions {
 // INVALID_ARGUMENT for bad rank/size, DEADLINE_EXCEEDED if a rank does not show up in time,
 // UNAVAILABLE if connecting fails, UNIMPLEMENTED where Strata was built without Gloo.
 Result<std::unique_ptr<ProcessGroup>> MakeGlooGroup(std::shared_ptr<Store> store,
-                                                    const std::string& prefix, int rank,
-                                                    int size, std::chrono::milliseconds timeout,
+                                                    const std::string& prefix, int rank, int size,
+                                                    std::chrono::milliseconds timeout,
                                                     const GlooOptions& options = {});
 
 }  // namespace strata::comm

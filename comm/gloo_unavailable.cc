@@ -3,11 +3,12 @@
 
 namespace strata::comm {
 
-Result<std::unique_ptr<ProcessGroup>> MakeGlooGroup(std::shared_ptr<Store>, const std::string&,
-                                                    int, int, std::chrono::milliseconds,
+Result<std::unique_ptr<ProcessGroup>> MakeGlooGroup(std::shared_ptr<Store>, const std::string&, int,
+                                                    int, std::chrono::milliseconds,
                                                     const GlooOptions&) {
-  return Unimplemented("gloo: this build of Strata has no Gloo backend (install libgloo-dev "
-                       "and re-run cmake)");
+  return Unimplemented(
+      "gloo: this build of Strata has no Gloo backend (install libgloo-dev "
+      "and re-run cmake)");
 }
 
 }  // namespace strata::comm

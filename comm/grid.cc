@@ -38,9 +38,8 @@ Result<Grid> Grid::Create(int world_size, int dp, int tp, int pp) {
   } sizes[] = {{"dp", dp}, {"tp", tp}, {"pp", pp}};
   for (const auto& s : sizes) {
     if (s.value <= 0) {
-      return InvalidArgument("parallel." + std::string(s.field) + " = " +
-                             std::to_string(s.value) + " must be >= 1 (use 1 to disable " +
-                             s.field + " parallelism)");
+      return InvalidArgument("parallel." + std::string(s.field) + " = " + std::to_string(s.value) +
+                             " must be >= 1 (use 1 to disable " + s.field + " parallelism)");
     }
   }
   const long long product = static_cast<long long>(dp) * tp * pp;
@@ -54,10 +53,9 @@ Result<Grid> Grid::Create(int world_size, int dp, int tp, int pp) {
              " must divide the world size (divisors of " + std::to_string(world_size) + ": " +
              Divisors(world_size, world_size) + ")";
     }
-    return InvalidArgument("parallel: dp*tp*pp = " + std::to_string(dp) + "*" +
-                           std::to_string(tp) + "*" + std::to_string(pp) + " = " +
-                           std::to_string(product) + " does not match world size " +
-                           std::to_string(world_size) + hint);
+    return InvalidArgument("parallel: dp*tp*pp = " + std::to_string(dp) + "*" + std::to_string(tp) +
+                           "*" + std::to_string(pp) + " = " + std::to_string(product) +
+                           " does not match world size " + std::to_string(world_size) + hint);
   }
   return Grid(dp, tp, pp);
 }
@@ -114,10 +112,9 @@ std::string Grid::dp_group_name(int rank) const {
 }
 
 std::string Grid::Describe() const {
-  std::string s = "grid: world " + std::to_string(world_size()) + " = dp " +
-                  std::to_string(dp_) + " x pp " + std::to_string(pp_) + " x tp " +
-                  std::to_string(tp_) + " (rank = d*" + std::to_string(pp_ * tp_) + " + p*" +
-                  std::to_string(tp_) + " + t)\n";
+  std::string s = "grid: world " + std::to_string(world_size()) + " = dp " + std::to_string(dp_) +
+                  " x pp " + std::to_string(pp_) + " x tp " + std::to_string(tp_) + " (rank = d*" +
+                  std::to_string(pp_ * tp_) + " + p*" + std::to_string(tp_) + " + t)\n";
   auto section = [&](const char* label, int groups, auto first_rank, auto members, auto name) {
     s += "  ";
     s += label;
@@ -152,9 +149,10 @@ Status CheckModelFits(const Grid& grid, int heads, int d_model, int vocab, int l
                            std::to_string(vocab) + ", " + std::to_string(layers) + ")");
   }
   if (heads % tp != 0) {
-    return InvalidArgument("parallel.tp = " + std::to_string(tp) + " does not divide model.heads = " +
-                           std::to_string(heads) + " (each tensor-parallel rank owns whole heads); " +
-                           "choose tp in {" + Divisors(heads, grid.world_size()) + "}");
+    return InvalidArgument("parallel.tp = " + std::to_string(tp) +
+                           " does not divide model.heads = " + std::to_string(heads) +
+                           " (each tensor-parallel rank owns whole heads); " + "choose tp in {" +
+                           Divisors(heads, grid.world_size()) + "}");
   }
   if (d_model % tp != 0) {
     return InvalidArgument("parallel.tp = " + std::to_string(tp) +
@@ -170,10 +168,10 @@ Status CheckModelFits(const Grid& grid, int heads, int d_model, int vocab, int l
                            Divisors(vocab, grid.world_size()) + "}");
   }
   if (pp > layers) {
-    return InvalidArgument("parallel.pp = " + std::to_string(pp) + " exceeds model.layers = " +
-                           std::to_string(layers) +
-                           " (every pipeline stage needs at least one layer); choose pp <= " +
-                           std::to_string(layers));
+    return InvalidArgument(
+        "parallel.pp = " + std::to_string(pp) +
+        " exceeds model.layers = " + std::to_string(layers) +
+        " (every pipeline stage needs at least one layer); choose pp <= " + std::to_string(layers));
   }
   return Status();
 }

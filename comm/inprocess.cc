@@ -34,7 +34,6 @@ const char* KindName(Kind k) {
   return "?";
 }
 
-
 // One collective: the k-th collective issued on every rank of a group.
 struct Coll {
   uint64_t seq = 0;
@@ -125,8 +124,9 @@ Result<std::shared_ptr<InProcessComm>> JoinComm(InProcessRegistry& reg, const st
     slot->next_split.assign(ranks.size(), 0);
   } else if (slot->parent_ranks != ranks || slot->name != name) {
     return InvalidArgument("split: members disagree on the new group: one passed '" + slot->name +
-                           "' " + internal::RankList(slot->parent_ranks) + ", another '" + name + "' " +
-                           internal::RankList(ranks) + " (every member must pass the same name and ranks)");
+                           "' " + internal::RankList(slot->parent_ranks) + ", another '" + name +
+                           "' " + internal::RankList(ranks) +
+                           " (every member must pass the same name and ranks)");
   }
   std::shared_ptr<InProcessComm> comm = slot;
   if (++comm->joined == comm->size) reg.forming.erase(key);
@@ -136,6 +136,7 @@ Result<std::shared_ptr<InProcessComm>> JoinComm(InProcessRegistry& reg, const st
 // Reduces block [offset, offset+count) of every input into dst (count elements of `type`).
 void ReduceBlock(const std::vector<const void*>& ins, size_t offset, size_t count, ElemType type,
                  ReduceOp op, void* dst) {
+  if (count == 0) return;
   const size_t es = ElemSize(type);
   const int n = static_cast<int>(ins.size());
   auto at = [&](int r) { return static_cast<const uint8_t*>(ins[r]) + offset * es; };
@@ -172,7 +173,8 @@ void Execute(Coll& c) {
     }
     case Kind::kReduceScatter: {
       std::vector<std::vector<uint8_t>> res(n, std::vector<uint8_t>(bytes));
-      for (int r = 0; r < n; ++r) ReduceBlock(c.in, r * c.count, c.count, c.type, c.op, res[r].data());
+      for (int r = 0; r < n; ++r)
+        ReduceBlock(c.in, r * c.count, c.count, c.type, c.op, res[r].data());
       for (int r = 0; r < n; ++r) {
         if (bytes) std::memcpy(c.out[r], res[r].data(), bytes);
       }
@@ -208,9 +210,8 @@ class CollWork final : public Work {
 
   Status Wait(std::chrono::milliseconds timeout) override {
     std::unique_lock<std::mutex> lock(comm_->mu);
-    const bool finished = comm_->cv.wait_until(lock, internal::DeadlineAfter(timeout), [&] {
-      return op_->done || !comm_->broken.ok();
-    });
+    const bool finished = comm_->cv.wait_until(lock, internal::DeadlineAfter(timeout),
+                                               [&] { return op_->done || !comm_->broken.ok(); });
     if (op_->done) return op_->status;
     const char* what = KindName(op_->kind);
     if (finished) {
@@ -238,13 +239,12 @@ class P2PWork final : public Work {
 
   Status Wait(std::chrono::milliseconds timeout) override {
     std::unique_lock<std::mutex> lock(comm_->mu);
-    const bool finished = comm_->cv.wait_until(lock, internal::DeadlineAfter(timeout), [&] {
-      return op_->done || !comm_->broken.ok();
-    });
+    const bool finished = comm_->cv.wait_until(lock, internal::DeadlineAfter(timeout),
+                                               [&] { return op_->done || !comm_->broken.ok(); });
     if (op_->done) return op_->status;
     if (finished) {
-      return Status(comm_->broken.code(), comm_->name + ": " + what_ +
-                                              " failed: " + comm_->broken.message());
+      return Status(comm_->broken.code(),
+                    comm_->name + ": " + what_ + " failed: " + comm_->broken.message());
     }
     return internal::TimedOut(comm_->name, what_.c_str(), timeout, "no matching peer op posted");
   }
@@ -288,8 +288,7 @@ class InProcessGroup final : public ProcessGroup {
     RETURN_WORK_IF_ERROR(internal::CheckBuffer(name(), "reduce_scatter", out, count));
     return Issue(Kind::kReduceScatter, in, out, count, type, op, 0);
   }
-  std::unique_ptr<Work> AllGather(const void* in, void* out, size_t count,
-                                  ElemType type) override {
+  std::unique_ptr<Work> AllGather(const void* in, void* out, size_t count, ElemType type) override {
     RETURN_WORK_IF_ERROR(internal::CheckBuffer(name(), "all_gather", in, count));
     RETURN_WORK_IF_ERROR(internal::CheckBuffer(name(), "all_gather", out, count));
     return Issue(Kind::kAllGather, in, out, count, type, ReduceOp::kSum, 0);
@@ -348,8 +347,8 @@ class InProcessGroup final : public ProcessGroup {
     }
     auto joined = JoinComm(*reg_, key, new_name, ranks);
     if (!joined.ok()) return joined.status().WithContext(name());
-    return std::unique_ptr<ProcessGroup>(std::make_unique<InProcessGroup>(
-        reg_, std::move(joined).value(), index));
+    return std::unique_ptr<ProcessGroup>(
+        std::make_unique<InProcessGroup>(reg_, std::move(joined).value(), index));
   }
 
   void Abort() override { AbortWith("group aborted by rank " + std::to_string(rank_)); }
@@ -359,8 +358,9 @@ class InProcessGroup final : public ProcessGroup {
                               ReduceOp op, int root) {
     std::lock_guard<std::mutex> lock(comm_->mu);
     if (!comm_->broken.ok()) {
-      return internal::Done(Status(comm_->broken.code(), internal::OpLabel(name(), KindName(kind)) +
-                                                             " failed: " + comm_->broken.message()));
+      return internal::Done(Status(
+          comm_->broken.code(),
+          internal::OpLabel(name(), KindName(kind)) + " failed: " + comm_->broken.message()));
     }
     const uint64_t seq = comm_->next_coll[rank_]++;
     auto& slot = comm_->colls[seq];
@@ -390,9 +390,9 @@ class InProcessGroup final : public ProcessGroup {
       mine.root = root;
       const Status s = InvalidArgument(
           internal::OpLabel(name(), KindName(kind)) + ": collective #" + std::to_string(seq) +
-          " differs between ranks: rank " + std::to_string(rank_) + " issued " +
-          mine.Signature() + ", rank " + std::to_string(c->defined_by) + " issued " +
-          c->Signature() + " (collectives must be issued in the same order on every rank)");
+          " differs between ranks: rank " + std::to_string(rank_) + " issued " + mine.Signature() +
+          ", rank " + std::to_string(c->defined_by) + " issued " + c->Signature() +
+          " (collectives must be issued in the same order on every rank)");
       FailAllLocked(s);
       return internal::Done(s);
     }
@@ -425,10 +425,9 @@ class InProcessGroup final : public ProcessGroup {
     P2P& send = is_send ? *op : *partner;
     P2P& recv = is_send ? *partner : *op;
     if (send.bytes != recv.bytes) {
-      const Status s = InvalidArgument(name() + ": " + what + ": send of " +
-                                       std::to_string(send.bytes) + " bytes met recv of " +
-                                       std::to_string(recv.bytes) + " bytes (tag " +
-                                       std::to_string(std::get<2>(key)) + ")");
+      const Status s = InvalidArgument(
+          name() + ": " + what + ": send of " + std::to_string(send.bytes) + " bytes met recv of " +
+          std::to_string(recv.bytes) + " bytes (tag " + std::to_string(std::get<2>(key)) + ")");
       send.status = recv.status = s;
     } else if (send.bytes) {
       std::memcpy(recv.dst, send.src, send.bytes);
@@ -483,8 +482,8 @@ InProcessWorld::~InProcessWorld() = default;
 
 Result<std::unique_ptr<ProcessGroup>> MakeInProcessGroup(InProcessWorld& world, int rank) {
   if (rank < 0 || rank >= world.size()) {
-    return InvalidArgument("in-process world: rank " + std::to_string(rank) +
-                           " is outside [0, " + std::to_string(world.size()) + ")");
+    return InvalidArgument("in-process world: rank " + std::to_string(rank) + " is outside [0, " +
+                           std::to_string(world.size()) + ")");
   }
   int generation;
   {
@@ -493,8 +492,8 @@ Result<std::unique_ptr<ProcessGroup>> MakeInProcessGroup(InProcessWorld& world, 
   }
   std::vector<int> all(world.size());
   for (int r = 0; r < world.size(); ++r) all[r] = r;
-  ASSIGN_OR_RETURN(auto comm, JoinComm(*world.registry_, "world#" + std::to_string(generation),
-                                       "world", all));
+  ASSIGN_OR_RETURN(auto comm,
+                   JoinComm(*world.registry_, "world#" + std::to_string(generation), "world", all));
   return std::unique_ptr<ProcessGroup>(
       std::make_unique<InProcessGroup>(world.registry_, std::move(comm), rank));
 }

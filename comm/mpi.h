@@ -21,7 +21,9 @@
 namespace strata::comm {
 
 // Initialises MPI with MPI_THREAD_SERIALIZED; a no-op if MPI is already initialised with at
-// least that level. FAILED_PRECONDITION if MPI offers less, UNIMPLEMENTED without MPI.
+// least that level. Before MPI_Init it defaults Open MPI's non-blocking all-reduce to the ring
+// algorithm (OMPI_MCA_coll_libnbc_iallreduce_algorithm=1) unless the variable is already set.
+// FAILED_PRECONDITION if MPI offers less, UNIMPLEMENTED without MPI.
 Status MpiInit(int* argc, char*** argv);
 // Waits (bounded) for abandoned ops, then finalises MPI. A no-op if MPI is not initialised.
 // FAILED_PRECONDITION (without finalising) if ops are still in flight: the caller should end

@@ -5,8 +5,9 @@ namespace strata::comm {
 
 namespace {
 Status NoMpi() {
-  return Unimplemented("mpi: this build of Strata has no MPI backend (install an MPI "
-                       "implementation and re-run cmake)");
+  return Unimplemented(
+      "mpi: this build of Strata has no MPI backend (install an MPI "
+      "implementation and re-run cmake)");
 }
 }  // namespace
 

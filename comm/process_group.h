@@ -68,7 +68,9 @@ class ProcessGroup {
   virtual std::unique_ptr<Work> AllGather(const void* in, void* out, size_t count,
                                           ElemType type) = 0;
   virtual std::unique_ptr<Work> Broadcast(void* buf, size_t count, ElemType type, int root) = 0;
-  // Point to point; a (src, dst, tag) triple matches in issue order.
+  // Point to point; a (src, dst, tag) triple matches in issue order and the counts must agree.
+  // A Send may complete only once its Recv is posted (in-process and Gloo are rendezvous; MPI
+  // may buffer small messages), so post Recvs before waiting on Sends.
   virtual std::unique_ptr<Work> Send(const void* buf, size_t count, ElemType type, int dst,
                                      int tag) = 0;
   virtual std::unique_ptr<Work> Recv(void* buf, size_t count, ElemType type, int src, int tag) = 0;
@@ -82,7 +84,8 @@ class ProcessGroup {
 
   // Tears the group down after a failure or timeout; pending Works then fail (CANCELLED) and
   // later ops fail at once. Peers notice: in-process their pending ops fail too, Gloo closes the
-  // connections; MPI only marks the local handle. Idempotent; the destructor implies it.
+  // connections; MPI only marks the local handle. Idempotent. Destroying a group with ops of
+  // this rank in flight aborts it first.
   virtual void Abort() = 0;
 };
 

@@ -30,10 +30,9 @@ Status KeyTimeout(const std::vector<std::string>& missing, std::chrono::millisec
     keys += '\'';
   }
   if (missing.size() > 8) keys += ", ... (" + std::to_string(missing.size()) + " keys)";
-  return Status(StatusCode::kDeadlineExceeded, "store: key" +
-                                                   std::string(missing.size() > 1 ? "s " : " ") +
-                                                   keys + " not set after " +
-                                                   std::to_string(timeout.count()) + " ms");
+  return Status(StatusCode::kDeadlineExceeded,
+                "store: key" + std::string(missing.size() > 1 ? "s " : " ") + keys +
+                    " not set after " + std::to_string(timeout.count()) + " ms");
 }
 
 Result<int64_t> ParseCounter(const std::string& key, const std::string& v) {
@@ -179,8 +178,8 @@ class FileStore final : public Store {
 
   Status WriteAtomically(const std::string& path, const std::string& value) {
     static std::atomic<uint64_t> counter{0};
-    const std::string tmp = dir_ + "/.tmp." + std::to_string(::getpid()) + "." +
-                            std::to_string(counter.fetch_add(1));
+    const std::string tmp =
+        dir_ + "/.tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
     {
       std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
       f.write(value.data(), static_cast<std::streamsize>(value.size()));

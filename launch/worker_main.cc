@@ -141,12 +141,6 @@ int Main(int argc, char** argv) {
   st = strata::comm::CheckModelFits(*grid, spec->model().heads(), spec->model().d_model(),
                                     spec->model().vocab_size(), spec->model().layers());
   if (!st.ok()) return Fail(rank, "layout", st);
-  if (pp > 1) {
-    return Fail(rank, "layout",
-                strata::Unimplemented("parallel.pp = " + std::to_string(pp) +
-                                      ": pipeline parallelism is not wired into strata-worker yet; "
-                                      "use pp = 1"));
-  }
   par->set_dp(dp);
   par->set_tp(tp);
   par->set_pp(pp);
@@ -162,6 +156,7 @@ int Main(int argc, char** argv) {
   opt.log_steps = rank == 0;
   opt.dp_group = groups->dp.get();
   opt.tp_group = groups->tp.get();
+  opt.pp_group = groups->pp.get();
   if (rank == 0) opt.metrics_path = a.metrics;
   auto trainer = strata::worker::Trainer::Create(*spec, opt);
   if (!trainer.ok()) return Fail(rank, a.job, trainer.status());

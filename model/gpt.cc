@@ -57,6 +57,15 @@ int64_t ParamTensor::GlobalIndex(int64_t i) const {
   return (outer * gdim + (j / lblock) * gblock + shard_offset + within) * inner + in;
 }
 
+LayerRange StageLayers(int layers, const PipelineStage& stage) {
+  CHECK(stage.count >= 1 && stage.count <= layers && stage.index >= 0 && stage.index < stage.count);
+  const int base = layers / stage.count, extra = layers % stage.count;
+  LayerRange r;
+  r.begin = stage.index * base + std::min(stage.index, extra);
+  r.end = r.begin + base + (stage.index < extra ? 1 : 0);
+  return r;
+}
+
 namespace {
 
 // Indices of a block's tensors within ParamTensor order.
@@ -95,14 +104,22 @@ TpShape MakeTpShape(const GptConfig& cfg, int size, int rank) {
   return s;
 }
 
-std::vector<ParamTensor> BuildLayout(const GptConfig& cfg, const TpShape& tp) {
+// Index of each tensor in the pp = 1 layout: InitWeights draws tensor i from stream i, so a
+// stage's tensors get the pp = 1 weights.
+constexpr int kWteStream = 0, kWpeStream = 1, kFirstBlockStream = 2;
+
+// The stage's tensors, in buffer order, and each one's pp = 1 index (its init stream).
+std::vector<ParamTensor> BuildLayout(const GptConfig& cfg, const TpShape& tp,
+                                     const PipelineStage& stage, std::vector<int>* streams) {
   std::vector<ParamTensor> ts;
   int64_t off = 0;
+  int stream = 0;
   auto push = [&](ParamTensor p) {
     p.numel = NumElements(p.shape);
     p.offset = off;
     off += p.numel;
     ts.push_back(std::move(p));
+    streams->push_back(stream++);
   };
   auto replicated = [&](std::string name, std::vector<int64_t> shape, bool decay) {
     ParamTensor p;
@@ -127,7 +144,8 @@ std::vector<ParamTensor> BuildLayout(const GptConfig& cfg, const TpShape& tp) {
     push(std::move(p));
   };
   const int64_t c = cfg.channels;
-  {
+  const LayerRange range = StageLayers(cfg.layers, stage);
+  if (stage.first() || stage.last()) {
     ParamTensor wte;  // vocabulary-parallel, padded
     wte.name = "wte.weight";
     wte.shape = {tp.vocab_rows, c};
@@ -136,10 +154,16 @@ std::vector<ParamTensor> BuildLayout(const GptConfig& cfg, const TpShape& tp) {
     wte.shard_offset = tp.vocab_lo;
     wte.shard_extent = tp.vocab_valid;
     wte.decay = true;
+    wte.pipeline_tied = stage.count > 1;
+    stream = kWteStream;
     push(std::move(wte));
   }
-  replicated("wpe.weight", {cfg.max_seq_len, c}, true);
-  for (int l = 0; l < cfg.layers; ++l) {
+  if (stage.first()) {
+    stream = kWpeStream;
+    replicated("wpe.weight", {cfg.max_seq_len, c}, true);
+  }
+  for (int l = range.begin; l < range.end; ++l) {
+    stream = kFirstBlockStream + l * kNumBlockParams;
     const std::string h = "h." + std::to_string(l) + ".";
     replicated(h + "ln_1.weight", {c}, false);
     replicated(h + "ln_1.bias", {c}, false);
@@ -154,8 +178,11 @@ std::vector<ParamTensor> BuildLayout(const GptConfig& cfg, const TpShape& tp) {
     split(h + "mlp.c_proj.weight", {c, 4 * c}, 1, 1, true);  // row-parallel
     replicated(h + "mlp.c_proj.bias", {c}, false);
   }
-  replicated("ln_f.weight", {c}, false);
-  replicated("ln_f.bias", {c}, false);
+  if (stage.last()) {
+    stream = kFirstBlockStream + cfg.layers * kNumBlockParams;
+    replicated("ln_f.weight", {c}, false);
+    replicated("ln_f.bias", {c}, false);
+  }
   return ts;
 }
 
@@ -174,34 +201,48 @@ int64_t LocalSlot(const ParamTensor& p, int64_t j) {
 template <typename T>
 class GptImpl final : public Gpt {
  public:
-  GptImpl(const GptConfig& cfg, int max_batch, int max_seq, TensorParallelComm* tp)
+  GptImpl(const GptConfig& cfg, int max_batch, int max_seq, TensorParallelComm* tp,
+          const PipelineStage& stage, int num_slots)
       : cfg_(cfg),
         max_b_(max_batch),
         max_t_(max_seq),
         tp_(tp),
         shard_(MakeTpShape(cfg, tp ? tp->size() : 1, tp ? tp->rank() : 0)),
-        layout_(BuildLayout(cfg, shard_)),
+        stage_(stage),
+        range_(StageLayers(cfg.layers, stage)),
+        nl_(range_.end - range_.begin),
+        layout_(BuildLayout(cfg, shard_, stage, &streams_)),
         c_(cfg.channels),
         cl_(cfg.channels / shard_.size),
         nhl_(cfg.heads / shard_.size),
         fcl_(4 * cfg.channels / shard_.size),
         vl_(static_cast<int>(shard_.vocab_rows)) {
+    // Positions in layout_: [wte] [wpe] blocks [ln_f] (see BuildLayout).
+    const bool has_wte = stage_.first() || stage_.last();
+    wte_ = has_wte ? 0 : -1;
+    wpe_ = stage_.first() ? 1 : -1;
+    block0_ = (has_wte ? 1 : 0) + (stage_.first() ? 1 : 0);
+    final_ = stage_.last() ? block0_ + nl_ * kNumBlockParams : -1;
     n_params_ = layout_.back().offset + layout_.back().numel;
     master_ = Tensor::Empty({n_params_}, DType::kF32);
     grads_ = Tensor::Empty({n_params_}, DType::kF32);
     if constexpr (!std::is_same_v<T, float>) {
       compute_ = Tensor::Empty({n_params_}, DTypeOf<T>::value);
     }
-    AllocateActivations();
+    AllocateActivations(num_slots);
   }
 
   const GptConfig& config() const override { return cfg_; }
   DType compute_dtype() const override { return DTypeOf<T>::value; }
+  const PipelineStage& stage() const override { return stage_; }
+  LayerRange layers() const override { return range_; }
+  int num_slots() const override { return static_cast<int>(slots_.size()); }
   const std::vector<ParamTensor>& tensors() const override { return layout_; }
   int64_t num_params() const override { return n_params_; }
   float* params() override { return master_.data<float>(); }
   float* grads() override { return grads_.data<float>(); }
   int64_t activation_bytes() const override { return act_bytes_; }
+  int64_t slot_activation_bytes() const override { return slot_bytes_; }
 
   void InitWeights(uint64_t seed) override {
     float* p = params();
@@ -216,13 +257,14 @@ class GptImpl final : public Gpt {
         continue;
       }
       const bool residual = t.name.ends_with("c_proj.weight");
-      // Each tensor draws from its own stream (seed, tensor index): adding a tensor elsewhere
-      // does not change the others. Under tensor parallelism every rank walks the whole global
-      // stream and keeps its slice, so that each rank holds exactly what the tp = 1 model holds
-      // there. Cost: every rank draws all O(global elements) samples, as many as tp = 1 does
-      // (about 4 s per rank for GPT-2 124M, once per run), with no extra memory. A skip-ahead
-      // in NormalRng would make it O(local elements).
-      NormalRng rng(seed, i);
+      // Each tensor draws from its own stream (seed, index of the tensor in the pp = 1 model):
+      // adding a tensor elsewhere does not change the others, and a pipeline stage (both of
+      // its wte copies included) gets the pp = 1 weights. Under tensor parallelism every rank
+      // walks the whole global stream and keeps its slice, so that each rank holds exactly
+      // what the tp = 1 model holds there. Cost: every rank draws all O(global elements)
+      // samples of its tensors (about 4 s per rank for GPT-2 124M, once per run), with no
+      // extra memory. A skip-ahead in NormalRng would make it O(local elements).
+      NormalRng rng(seed, static_cast<uint64_t>(streams_[i]));
       const float std = residual ? residual_std : 0.02f;
       std::fill(x, x + t.numel, 0.f);  // padding
       // The global tensor as [outer, dim, inner] around the shard dimension, in stream order.
@@ -253,52 +295,85 @@ class GptImpl final : public Gpt {
 
   void ZeroGrad() override { std::memset(grads_.raw(), 0, grads_.nbytes()); }
 
-  Result<float> Forward(const int32_t* inputs, const int32_t* targets, int b, int t,
-                        float dloss) override {
+  Result<float> ForwardStage(int slot, const int32_t* tokens, const float* input,
+                             const int32_t* targets, int b, int t, float dloss,
+                             float* output) override {
     CHECK(b > 0 && b <= max_b_ && t > 0 && t <= max_t_);
+    CHECK(slot >= 0 && slot < num_slots());
+    CHECK_MSG(stage_.first() ? tokens != nullptr : input != nullptr,
+              "ForwardStage: the first stage takes tokens, the others an input activation");
+    CHECK_MSG(stage_.last() ? targets != nullptr : output != nullptr,
+              "ForwardStage: the last stage takes targets, the others an output buffer");
     const int64_t bt = static_cast<int64_t>(b) * t;
     const int c = c_;
-    b_ = b;
-    t_ = t;
-    has_grad_ = false;  // set only when the whole forward succeeded
-    std::memcpy(tokens_.data(), inputs, bt * sizeof(int32_t));
-    // Vocabulary-parallel lookup: each rank contributes the rows of its tokens, zeros elsewhere.
-    VocabShardEmbeddingForward(res_[0], inputs, W(0), shard_.vocab_lo,
-                               static_cast<int>(shard_.vocab_valid), bt, c);
-    RETURN_IF_ERROR(SumOverTp(res_[0], bt * c, DType::kF32, "token embedding", -1));
-    AddPositionEmbedding(res_[0], W(1), b, t, c);
-    for (int l = 0; l < cfg_.layers; ++l) RETURN_IF_ERROR(LayerForward(l));
-    LayerNormForward(lnf_, lnf_mean_, lnf_rstd_, res_[cfg_.layers], W(FinalIndex()),
-                     W(FinalIndex() + 1), bt, c);
-    MatmulForward<T>(logits_, lnf_, W(0), nullptr, bt, c, vl_);
+    Slot& s = slots_[static_cast<size_t>(slot)];
+    cur_ = &s;
+    s.b = b_ = b;
+    s.t = t_ = t;
+    s.has_grad = false;  // set only when the whole forward succeeded
+    if (stage_.first()) {
+      std::memcpy(s.tokens.data(), tokens, bt * sizeof(int32_t));
+      // Vocabulary-parallel lookup: each rank contributes the rows of its tokens, zeros
+      // elsewhere.
+      VocabShardEmbeddingForward(s.res[0], tokens, W(wte_), shard_.vocab_lo,
+                                 static_cast<int>(shard_.vocab_valid), bt, c);
+      RETURN_IF_ERROR(SumOverTp(s.res[0], bt * c, DType::kF32, "token embedding", -1));
+      AddPositionEmbedding(s.res[0], W(wpe_), b, t, c);
+    } else {
+      std::memcpy(s.res[0], input, static_cast<size_t>(bt) * c * sizeof(float));
+    }
+    for (int l = 0; l < nl_; ++l) RETURN_IF_ERROR(LayerForward(l));
+    if (!stage_.last()) {
+      std::memcpy(output, s.res[static_cast<size_t>(nl_)],
+                  static_cast<size_t>(bt) * c * sizeof(float));
+      s.has_grad = dloss != 0.f;
+      return 0.f;
+    }
+    LayerNormForward(s.lnf, s.lnf_mean, s.lnf_rstd, s.res[static_cast<size_t>(nl_)], W(final_),
+                     W(final_ + 1), bt, c);
+    MatmulForward<T>(s.logits, s.lnf, W(wte_), nullptr, bt, c, vl_);
     double total = 0.0;
     if (tp_ == nullptr) {
-      total = SoftmaxCrossEntropy(logits_, losses_, targets, bt, vl_, dloss);
+      total = SoftmaxCrossEntropy(s.logits, losses_, targets, bt, vl_, dloss);
     } else {
-      ASSIGN_OR_RETURN(total, VocabParallelCrossEntropy(targets, bt, dloss));
+      ASSIGN_OR_RETURN(total, VocabParallelCrossEntropy(s.logits, targets, bt, dloss));
     }
-    has_grad_ = dloss != 0.f;
+    s.has_grad = dloss != 0.f;
     return static_cast<float>(total / static_cast<double>(bt));
   }
 
-  Status Backward(const GradReadyFn& on_ready) override {
-    CHECK_MSG(has_grad_, "Backward() needs a Forward() with dloss != 0");
-    has_grad_ = false;
+  Status BackwardStage(int slot, const float* doutput, float* dinput,
+                       const GradReadyFn& on_ready) override {
+    CHECK(slot >= 0 && slot < num_slots());
+    Slot& s = slots_[static_cast<size_t>(slot)];
+    CHECK_MSG(s.has_grad, "Backward() needs a Forward() with dloss != 0");
+    CHECK_MSG(stage_.last() || doutput != nullptr, "BackwardStage: a non-last stage needs doutput");
+    CHECK_MSG(stage_.first() || dinput != nullptr, "BackwardStage: a non-first stage needs dinput");
+    s.has_grad = false;
+    cur_ = &s;
+    b_ = s.b;
+    t_ = s.t;
     const int b = b_, t = t_, c = c_;
     const int64_t bt = static_cast<int64_t>(b) * t;
     float* g = grads();
-    const int fi = FinalIndex();
-    std::memset(dres_, 0, static_cast<size_t>(bt) * c * sizeof(float));
-    // Tied LM head (column-parallel over the vocabulary): dX is a partial sum per rank.
-    MatmulBackward<T>(dln_, g + layout_[0].offset, nullptr, logits_, lnf_, W(0), bt, c, vl_);
-    RETURN_IF_ERROR(SumOverTp(dln_, bt * c, DTypeOf<T>::value, "lm_head input gradient", -1));
-    LayerNormBackward(dres_, g + layout_[fi].offset, g + layout_[fi + 1].offset, dln_,
-                      res_[cfg_.layers], W(fi), lnf_mean_, lnf_rstd_, bt, c);
-    if (on_ready) on_ready(layout_[fi].offset, layout_[fi].numel + layout_[fi + 1].numel);
-    for (int l = cfg_.layers - 1; l >= 0; --l) {
+    if (stage_.last()) {
+      const int fi = final_;
+      std::memset(dres_, 0, static_cast<size_t>(bt) * c * sizeof(float));
+      // Tied LM head (column-parallel over the vocabulary): dX is a partial sum per rank.
+      MatmulBackward<T>(dln_, g + layout_[wte_].offset, nullptr, s.logits, s.lnf, W(wte_), bt, c,
+                        vl_);
+      RETURN_IF_ERROR(SumOverTp(dln_, bt * c, DTypeOf<T>::value, "lm_head input gradient", -1));
+      LayerNormBackward(dres_, g + layout_[fi].offset, g + layout_[fi + 1].offset, dln_,
+                        s.res[static_cast<size_t>(nl_)], W(fi), s.lnf_mean, s.lnf_rstd, bt, c);
+      if (on_ready) on_ready(layout_[fi].offset, layout_[fi].numel + layout_[fi + 1].numel);
+    } else {
+      std::memcpy(dres_, doutput, static_cast<size_t>(bt) * c * sizeof(float));
+    }
+    for (int l = nl_ - 1; l >= 0; --l) {
+      const int gl = range_.begin + l;  // global index, for error messages
       if (cfg_.recompute) RETURN_IF_ERROR(LayerForward(l));
-      const Acts& a = acts_[l];
-      auto gp = [&](int k) { return g + layout_[2 + l * kNumBlockParams + k].offset; };
+      const Acts& a = s.acts[static_cast<size_t>(l)];
+      auto gp = [&](int k) { return g + layout_[block0_ + l * kNumBlockParams + k].offset; };
       // Row-parallel c_proj: dout is the full (replicated) residual gradient, so its bias
       // gradient is the same on every rank and dX is local; no collective.
       const T* branch = BranchGrad(bt * c);
@@ -306,7 +381,7 @@ class GptImpl final : public Gpt {
                         fcl_, c);
       GeluBackward(dfch_, a.fch, dfch_, bt * fcl_);
       MatmulBackward<T>(dln_, gp(kFcW), gp(kFcB), dfch_, a.ln2, BW(l, kFcW), bt, c, fcl_);
-      RETURN_IF_ERROR(SumOverTp(dln_, bt * c, DTypeOf<T>::value, "mlp.c_fc input gradient", l));
+      RETURN_IF_ERROR(SumOverTp(dln_, bt * c, DTypeOf<T>::value, "mlp.c_fc input gradient", gl));
       LayerNormBackward(dres_, gp(kLn2W), gp(kLn2B), dln_, a.res_mid, BW(l, kLn2W), a.ln2_mean,
                         a.ln2_rstd, bt, c);
       branch = BranchGrad(bt * c);
@@ -314,19 +389,27 @@ class GptImpl final : public Gpt {
                         cl_, c);
       AttentionBackward(dqkv_, datty_, a.qkv, a.atty, a.lse, b, t, cl_, nhl_);
       MatmulBackward<T>(dln_, gp(kQkvW), gp(kQkvB), dqkv_, a.ln1, BW(l, kQkvW), bt, c, 3 * cl_);
-      RETURN_IF_ERROR(SumOverTp(dln_, bt * c, DTypeOf<T>::value, "attn.c_attn input gradient", l));
-      LayerNormBackward(dres_, gp(kLn1W), gp(kLn1B), dln_, res_[l], BW(l, kLn1W), a.ln1_mean,
-                        a.ln1_rstd, bt, c);
+      RETURN_IF_ERROR(SumOverTp(dln_, bt * c, DTypeOf<T>::value, "attn.c_attn input gradient", gl));
+      LayerNormBackward(dres_, gp(kLn1W), gp(kLn1B), dln_, s.res[static_cast<size_t>(l)],
+                        BW(l, kLn1W), a.ln1_mean, a.ln1_rstd, bt, c);
       if (on_ready) {
-        const ParamTensor& first = layout_[2 + l * kNumBlockParams];
-        const ParamTensor& last = layout_[2 + l * kNumBlockParams + kNumBlockParams - 1];
+        const ParamTensor& first = layout_[block0_ + l * kNumBlockParams];
+        const ParamTensor& last = layout_[block0_ + l * kNumBlockParams + kNumBlockParams - 1];
         on_ready(first.offset, last.offset + last.numel - first.offset);
       }
     }
-    // dres_ is replicated, so wpe's gradient is too; each rank adds to its own wte rows.
-    VocabShardEmbeddingBackward(g + layout_[0].offset, g + layout_[1].offset, dres_, tokens_.data(),
-                                shard_.vocab_lo, static_cast<int>(shard_.vocab_valid), b, t, c);
-    if (on_ready) on_ready(0, layout_[0].numel + layout_[1].numel);
+    if (stage_.first()) {
+      // dres_ is replicated, so wpe's gradient is too; each rank adds to its own wte rows.
+      VocabShardEmbeddingBackward(g + layout_[wte_].offset, g + layout_[wpe_].offset, dres_,
+                                  s.tokens.data(), shard_.vocab_lo,
+                                  static_cast<int>(shard_.vocab_valid), b, t, c);
+      if (on_ready) on_ready(0, layout_[wte_].numel + layout_[wpe_].numel);
+      return Status::Ok();
+    }
+    std::memcpy(dinput, dres_, static_cast<size_t>(bt) * c * sizeof(float));
+    // The LM head's wte gradient was final since the start; reported last to keep the ranges
+    // in buffer order from the end.
+    if (on_ready && stage_.last()) on_ready(0, layout_[wte_].numel);
     return Status::Ok();
   }
 
@@ -346,7 +429,19 @@ class GptImpl final : public Gpt {
     T* fchg;
   };
 
-  int FinalIndex() const { return 2 + cfg_.layers * kNumBlockParams; }
+  // What one micro-batch in flight keeps until its backward.
+  struct Slot {
+    std::vector<Acts> acts;   // per local block (under recompute all alias one shared set)
+    std::vector<float*> res;  // res[0] = stage input (embeddings on the first stage),
+                              // res[l + 1] = output of local block l (shared on non-last stages)
+    T* lnf = nullptr;         // last stage: ln_f output and statistics
+    float* lnf_mean = nullptr;
+    float* lnf_rstd = nullptr;
+    T* logits = nullptr;  // last stage: local [BT, V/tp]; dlogits after a dloss != 0 forward
+    std::vector<int32_t> tokens;  // first stage
+    int b = 0, t = 0;
+    bool has_grad = false;
+  };
 
   // Compute-precision view of parameter tensor i.
   const T* W(int i) const {
@@ -357,7 +452,8 @@ class GptImpl final : public Gpt {
       return compute_.data<T>() + off;
     }
   }
-  const T* BW(int l, int k) const { return W(2 + l * kNumBlockParams + k); }
+  // Tensor k of local block l.
+  const T* BW(int l, int k) const { return W(block0_ + l * kNumBlockParams + k); }
 
   // The residual-stream gradient in compute precision, as the dout of a branch's last GEMM.
   const T* BranchGrad(int64_t n) {
@@ -369,8 +465,8 @@ class GptImpl final : public Gpt {
     }
   }
 
-  // In-place sum over the TP group (no-op without TP). `what` and `layer` (-1: none) only
-  // label an error.
+  // In-place sum over the TP group (no-op without TP). `what` and `layer` (global index; -1:
+  // none) only label an error.
   Status SumOverTp(void* buf, int64_t n, DType type, const char* what, int layer) {
     if (tp_ == nullptr) return Status::Ok();
     return TpContext(tp_->AllReduceSum(buf, n, type), what, layer);
@@ -396,78 +492,104 @@ class GptImpl final : public Gpt {
     return Status::Ok();
   }
 
-  Result<double> VocabParallelCrossEntropy(const int32_t* targets, int64_t bt, float dloss) {
+  Result<double> VocabParallelCrossEntropy(T* logits, const int32_t* targets, int64_t bt,
+                                           float dloss) {
     const int valid = static_cast<int>(shard_.vocab_valid);
-    ShardRowMax(xent_max_, logits_, bt, vl_, valid);
+    ShardRowMax(xent_max_, logits, bt, vl_, valid);
     RETURN_IF_ERROR(TpContext(tp_->AllReduceMax(xent_max_, bt), "logit max", -1));
     float* sum_exp = xent_sums_;
     float* target = xent_sums_ + bt;
-    ShardSumExpAndTarget(sum_exp, target, logits_, xent_max_, targets, shard_.vocab_lo, bt, vl_,
+    ShardSumExpAndTarget(sum_exp, target, logits, xent_max_, targets, shard_.vocab_lo, bt, vl_,
                          valid);
     // One collective for both: the softmax denominators and the target logits.
     RETURN_IF_ERROR(SumOverTp(xent_sums_, 2 * bt, DType::kF32, "softmax sums", -1));
-    return ShardCrossEntropyFinish(logits_, losses_, xent_max_, sum_exp, target, targets,
+    return ShardCrossEntropyFinish(logits, losses_, xent_max_, sum_exp, target, targets,
                                    shard_.vocab_lo, bt, vl_, valid, dloss);
   }
 
+  // Local block l of the current slot: res[l] -> res[l + 1], saving its activations.
   Status LayerForward(int l) {
     const int b = b_, t = t_, c = c_;
+    const int gl = range_.begin + l;
     const int64_t bt = static_cast<int64_t>(b) * t;
-    const Acts& a = acts_[l];
-    const float* res_in = res_[l];
+    const Acts& a = cur_->acts[static_cast<size_t>(l)];
+    const float* res_in = cur_->res[static_cast<size_t>(l)];
     LayerNormForward(a.ln1, a.ln1_mean, a.ln1_rstd, res_in, BW(l, kLn1W), BW(l, kLn1B), bt, c);
     MatmulForward<T>(a.qkv, a.ln1, BW(l, kQkvW), BW(l, kQkvB), bt, c, 3 * cl_);
     AttentionForward(a.atty, a.lse, a.qkv, b, t, cl_, nhl_);
     RETURN_IF_ERROR(RowParallelForward(branch_out_, a.atty, BW(l, kAttProjW), BW(l, kAttProjB), cl_,
-                                       "attn.c_proj output", l));
+                                       "attn.c_proj output", gl));
     ResidualForward(a.res_mid, res_in, branch_out_, bt * c);
     LayerNormForward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res_mid, BW(l, kLn2W), BW(l, kLn2B), bt, c);
     MatmulForward<T>(a.fch, a.ln2, BW(l, kFcW), BW(l, kFcB), bt, c, fcl_);
     GeluForward(a.fchg, a.fch, bt * fcl_);
     RETURN_IF_ERROR(RowParallelForward(branch_out_, a.fchg, BW(l, kFcProjW), BW(l, kFcProjB), fcl_,
-                                       "mlp.c_proj output", l));
-    ResidualForward(res_[l + 1], a.res_mid, branch_out_, bt * c);
+                                       "mlp.c_proj output", gl));
+    ResidualForward(cur_->res[static_cast<size_t>(l) + 1], a.res_mid, branch_out_, bt * c);
     return Status::Ok();
   }
 
   template <typename U>
-  U* Alloc(int64_t n, bool count = true) {
+  U* Alloc(int64_t n, bool per_slot = false) {
     buffers_.push_back(Tensor::Empty({n}, DTypeOf<U>::value));
-    if (count) act_bytes_ += static_cast<int64_t>(buffers_.back().nbytes());
+    const auto bytes = static_cast<int64_t>(buffers_.back().nbytes());
+    act_bytes_ += bytes;
+    if (per_slot) slot_bytes_ += bytes;
     return buffers_.back().template data<U>();
+  }
+
+  Acts AllocActs(int64_t bt, bool per_slot) {
+    const int64_t c = c_;
+    Acts a;
+    a.ln1 = Alloc<T>(bt * c, per_slot);
+    a.ln1_mean = Alloc<float>(bt, per_slot);
+    a.ln1_rstd = Alloc<float>(bt, per_slot);
+    a.qkv = Alloc<T>(bt * 3 * cl_, per_slot);
+    a.atty = Alloc<T>(bt * cl_, per_slot);
+    a.lse = Alloc<float>(bt * nhl_, per_slot);
+    a.res_mid = Alloc<float>(bt * c, per_slot);
+    a.ln2 = Alloc<T>(bt * c, per_slot);
+    a.ln2_mean = Alloc<float>(bt, per_slot);
+    a.ln2_rstd = Alloc<float>(bt, per_slot);
+    a.fch = Alloc<T>(bt * fcl_, per_slot);
+    a.fchg = Alloc<T>(bt * fcl_, per_slot);
+    return a;
   }
 
   // Replicated activations (residual stream, LayerNorm outputs) are full size on every rank;
   // those of the local heads and of the local MLP columns are 1/tp, the logits V/tp.
-  void AllocateActivations() {
+  // Per slot: what backward reads (block inputs, block activations unless recomputed, the
+  // head's input and dlogits on the last stage, the tokens on the first). Shared: the
+  // recompute set, the output of a non-last stage (copied out by ForwardStage; rewritten by a
+  // recompute, never read by backward) and all scratch.
+  void AllocateActivations(int num_slots) {
     const int64_t bt = static_cast<int64_t>(max_b_) * max_t_;
     const int64_t c = c_;
-    const int layer_sets = cfg_.recompute ? 1 : cfg_.layers;
-    std::vector<Acts> sets(layer_sets);
-    for (Acts& a : sets) {
-      a.ln1 = Alloc<T>(bt * c);
-      a.ln1_mean = Alloc<float>(bt);
-      a.ln1_rstd = Alloc<float>(bt);
-      a.qkv = Alloc<T>(bt * 3 * cl_);
-      a.atty = Alloc<T>(bt * cl_);
-      a.lse = Alloc<float>(bt * nhl_);
-      a.res_mid = Alloc<float>(bt * c);
-      a.ln2 = Alloc<T>(bt * c);
-      a.ln2_mean = Alloc<float>(bt);
-      a.ln2_rstd = Alloc<float>(bt);
-      a.fch = Alloc<T>(bt * fcl_);
-      a.fchg = Alloc<T>(bt * fcl_);
+    slot_bytes_ = 0;
+    Acts shared{};
+    if (cfg_.recompute) shared = AllocActs(bt, false);
+    float* shared_out = stage_.last() ? nullptr : Alloc<float>(bt * c);
+    slots_.resize(static_cast<size_t>(num_slots));
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      const bool count = i == 0;  // slot_bytes_ is the size of one slot
+      auto alloc_f = [&](int64_t n) { return Alloc<float>(n, count); };
+      for (int l = 0; l < nl_; ++l)
+        s.acts.push_back(cfg_.recompute ? shared : AllocActs(bt, count));
+      for (int l = 0; l < nl_; ++l) s.res.push_back(alloc_f(bt * c));
+      s.res.push_back(stage_.last() ? alloc_f(bt * c) : shared_out);
+      if (stage_.last()) {
+        s.lnf = Alloc<T>(bt * c, count);
+        s.lnf_mean = alloc_f(bt);
+        s.lnf_rstd = alloc_f(bt);
+        s.logits = Alloc<T>(bt * vl_, count);
+      }
+      if (stage_.first()) s.tokens.resize(static_cast<size_t>(bt));
     }
-    for (int l = 0; l < cfg_.layers; ++l) acts_.push_back(sets[cfg_.recompute ? 0 : l]);
-    for (int l = 0; l <= cfg_.layers; ++l) res_.push_back(Alloc<float>(bt * c));
-    lnf_ = Alloc<T>(bt * c);
-    lnf_mean_ = Alloc<float>(bt);
-    lnf_rstd_ = Alloc<float>(bt);
-    logits_ = Alloc<T>(bt * vl_);
-    losses_ = Alloc<float>(bt);
+    cur_ = &slots_[0];
+    if (stage_.last()) losses_ = Alloc<float>(bt);
     branch_out_ = Alloc<T>(bt * c);
-    tokens_.resize(static_cast<size_t>(bt));
-    if (tp_ != nullptr) {
+    if (tp_ != nullptr && stage_.last()) {
       xent_max_ = Alloc<float>(bt);
       xent_sums_ = Alloc<float>(2 * bt);
     }
@@ -484,26 +606,27 @@ class GptImpl final : public Gpt {
   int max_b_, max_t_;
   TensorParallelComm* tp_;  // nullptr: no tensor parallelism
   TpShape shard_;
+  PipelineStage stage_;
+  LayerRange range_;          // global blocks of this stage
+  int nl_;                    // local blocks
+  std::vector<int> streams_;  // per layout_ entry: its index in the pp = 1 layout
   std::vector<ParamTensor> layout_;
+  // Positions in layout_ of wte, wpe, the first block's first tensor, ln_f.weight (-1: absent).
+  int wte_ = -1, wpe_ = -1, block0_ = 0, final_ = -1;
   // Widths: channels, local attention channels (heads * head size on this rank), local
   // attention heads, local MLP hidden units, local (padded) vocabulary rows.
   int c_, cl_, nhl_, fcl_, vl_;
   int64_t n_params_ = 0;
   Tensor master_, grads_, compute_;
   std::vector<Tensor> buffers_;
-  int64_t act_bytes_ = 0;
+  int64_t act_bytes_ = 0, slot_bytes_ = 0;
 
-  std::vector<Acts> acts_;
-  std::vector<float*> res_;  // res_[0] = embeddings, res_[l + 1] = output of block l
-  T* lnf_ = nullptr;
-  float* lnf_mean_ = nullptr;
-  float* lnf_rstd_ = nullptr;
-  T* logits_ = nullptr;  // local [BT, V/tp]; holds dlogits after a Forward with dloss != 0
+  std::vector<Slot> slots_;
+  Slot* cur_ = nullptr;  // the slot LayerForward works on
   float* losses_ = nullptr;
   T* branch_out_ = nullptr;
   float* xent_max_ = nullptr;   // TP only: row max of the logits
   float* xent_sums_ = nullptr;  // TP only: [sum of exp | target logit]
-  std::vector<int32_t> tokens_;
   float* dres_ = nullptr;
   T* dbranch_ = nullptr;
   T* dln_ = nullptr;
@@ -511,14 +634,25 @@ class GptImpl final : public Gpt {
   T* datty_ = nullptr;
   T* dfch_ = nullptr;
 
-  int b_ = 0, t_ = 0;
-  bool has_grad_ = false;
+  int b_ = 0, t_ = 0;  // of the micro-batch being run
 };
 
 }  // namespace
 
+Result<float> Gpt::Forward(const int32_t* inputs, const int32_t* targets, int b, int t,
+                           float dloss) {
+  CHECK_MSG(stage().count == 1, "Gpt::Forward runs the whole model; use ForwardStage");
+  return ForwardStage(0, inputs, nullptr, targets, b, t, dloss, nullptr);
+}
+
+Status Gpt::Backward(const GradReadyFn& on_ready) {
+  CHECK_MSG(stage().count == 1, "Gpt::Backward runs the whole model; use BackwardStage");
+  return BackwardStage(0, nullptr, nullptr, on_ready);
+}
+
 Result<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& config, DType compute, int max_batch,
-                                         int max_seq, TensorParallelComm* tp) {
+                                         int max_seq, TensorParallelComm* tp,
+                                         const PipelineStage& stage, int num_slots) {
   RETURN_IF_ERROR(config.Validate());
   if (max_batch <= 0) return InvalidArgument("micro batch must be > 0");
   if (max_seq <= 0 || max_seq > config.max_seq_len) {
@@ -539,16 +673,28 @@ Result<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& config, DType compute,
     }
     if (n == 1) tp = nullptr;  // nothing to split or reduce
   }
+  if (stage.count < 1 || stage.index < 0 || stage.index >= stage.count) {
+    return InvalidArgument("parallel.pp: stage " + std::to_string(stage.index) + " of " +
+                           std::to_string(stage.count) + " is not a pipeline coordinate");
+  }
+  if (stage.count > config.layers) {
+    return InvalidArgument("parallel.pp: " + std::to_string(stage.count) +
+                           " pipeline stages exceed model.layers=" + std::to_string(config.layers) +
+                           "; every stage needs a block");
+  }
+  if (num_slots < 1) {
+    return InvalidArgument("activation slots: " + std::to_string(num_slots) + " must be >= 1");
+  }
   std::unique_ptr<Gpt> m;
   switch (compute) {
     case DType::kF32:
-      m = std::make_unique<GptImpl<float>>(config, max_batch, max_seq, tp);
+      m = std::make_unique<GptImpl<float>>(config, max_batch, max_seq, tp, stage, num_slots);
       break;
     case DType::kBF16:
-      m = std::make_unique<GptImpl<bf16>>(config, max_batch, max_seq, tp);
+      m = std::make_unique<GptImpl<bf16>>(config, max_batch, max_seq, tp, stage, num_slots);
       break;
     case DType::kF16:
-      m = std::make_unique<GptImpl<f16>>(config, max_batch, max_seq, tp);
+      m = std::make_unique<GptImpl<f16>>(config, max_batch, max_seq, tp, stage, num_slots);
       break;
   }
   return m;

@@ -2,10 +2,9 @@
 // 1-4 over an in-memory store and over a file store, Split, destroy-and-re-form, and the
 // failure paths (a rank that never joins the group or an op, Abort).
 // If Gloo's TCP transport cannot work here, the tests are skipped with the reason.
-#include "comm/gloo.h"
-
 #include <gtest/gtest.h>
 
+#include "comm/gloo.h"
 #include "comm/store.h"
 #include "tests/comm_test_util.h"
 #include "tests/test_util.h"
@@ -33,8 +32,8 @@ const std::string& GlooUnusableReason() {
   return reason;
 }
 
-#define SKIP_IF_NO_GLOO()                                                 \
-  do {                                                                    \
+#define SKIP_IF_NO_GLOO()                                                    \
+  do {                                                                       \
     if (!GlooUnusableReason().empty()) GTEST_SKIP() << GlooUnusableReason(); \
   } while (0)
 
@@ -90,15 +89,15 @@ TEST_P(GlooCollectives, SendRecv) { testing::SendRecvSuite(*backend_, n()); }
 TEST_P(GlooCollectives, Barrier) { testing::BarrierSuite(*backend_, n()); }
 TEST_P(GlooCollectives, ManyInFlight) { testing::ManyInFlightSuite(*backend_, n()); }
 
-INSTANTIATE_TEST_SUITE_P(
-    StoreAndSize, GlooCollectives,
-    ::testing::Combine(::testing::Values(StoreKind::kHash, StoreKind::kFile),
-                       ::testing::Values(1, 2, 3, 4)),
-    [](const auto& info) {
-      std::string name = std::get<0>(info.param) == StoreKind::kHash ? "hash_n" : "file_n";
-      name += std::to_string(std::get<1>(info.param));
-      return name;
-    });
+INSTANTIATE_TEST_SUITE_P(StoreAndSize, GlooCollectives,
+                         ::testing::Combine(::testing::Values(StoreKind::kHash, StoreKind::kFile),
+                                            ::testing::Values(1, 2, 3, 4)),
+                         [](const auto& info) {
+                           std::string name =
+                               std::get<0>(info.param) == StoreKind::kHash ? "hash_n" : "file_n";
+                           name += std::to_string(std::get<1>(info.param));
+                           return name;
+                         });
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -112,11 +111,12 @@ TEST(Gloo, ReformAfterDestroy) {
     std::vector<std::thread> threads;
     for (int r = 0; r < 3; ++r) {
       threads.emplace_back([&, r] {
-        auto g = MakeGlooGroup(store, "job/gen" + std::to_string(generation), r, 3,
-                               milliseconds(10000));
+        auto g =
+            MakeGlooGroup(store, "job/gen" + std::to_string(generation), r, 3, milliseconds(10000));
         ASSERT_TRUE(g.ok()) << g.status().ToString();
         int64_t v = r + generation;
-        Status s = (*g)->AllReduce(&v, 1, ElemType::kI64, ReduceOp::kSum)->Wait(milliseconds(10000));
+        Status s =
+            (*g)->AllReduce(&v, 1, ElemType::kI64, ReduceOp::kSum)->Wait(milliseconds(10000));
         ASSERT_TRUE(s.ok()) << s.ToString();
         EXPECT_EQ(v, 3 + 3 * generation);
       });
@@ -137,7 +137,8 @@ TEST(Gloo, SplitIntoSubGroups) {
     EXPECT_EQ((*sub)->size(), 2);
     EXPECT_EQ((*sub)->rank(), r >= 2 ? 0 : 1);
     int32_t v = r;
-    ASSERT_TRUE((*sub)->AllReduce(&v, 1, ElemType::kI32, ReduceOp::kSum)->Wait(milliseconds(10000)).ok());
+    ASSERT_TRUE(
+        (*sub)->AllReduce(&v, 1, ElemType::kI32, ReduceOp::kSum)->Wait(milliseconds(10000)).ok());
     EXPECT_EQ(v, r % 2 ? 4 : 2);
     int32_t w = 1;
     ASSERT_TRUE(g.AllReduce(&w, 1, ElemType::kI32, ReduceOp::kSum)->Wait(milliseconds(10000)).ok());
@@ -225,9 +226,10 @@ TEST(Gloo, LateRankCompletesTheOp) {
     }
     Status s = w->Wait(milliseconds(5000));
     ASSERT_TRUE(s.ok()) << s.ToString();
-    testing::ExpectAll(ElemType::kF32, buf.data(), 100,
-                       [](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, 3, i); },
-                       "late all_reduce");
+    testing::ExpectAll(
+        ElemType::kF32, buf.data(), 100,
+        [](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, 3, i); },
+        "late all_reduce");
   });
 }
 
@@ -261,8 +263,8 @@ TEST(Gloo, AbortWakesWaitersAndPeers) {
     } else {
       Status s = w->Wait(milliseconds(10000));
       EXPECT_FALSE(s.ok());
-      EXPECT_NE(s.code(), StatusCode::kDeadlineExceeded) << "peer should notice the abort: "
-                                                         << s.ToString();
+      EXPECT_NE(s.code(), StatusCode::kDeadlineExceeded)
+          << "peer should notice the abort: " << s.ToString();
     }
   });
   EXPECT_LT(Seconds(t0), 5.0);

@@ -1,11 +1,10 @@
 // The 3D rank grid: the rank <-> coordinate mapping, group membership, and every invalid
 // layout message.
-#include "comm/grid.h"
-
 #include <gtest/gtest.h>
 
 #include <set>
 
+#include "comm/grid.h"
 #include "tests/test_util.h"
 
 namespace strata::comm {

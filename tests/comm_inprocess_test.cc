@@ -1,10 +1,9 @@
 // The in-process backend: every collective for group sizes 1-4, then the failure paths
 // (timeouts, Abort, mismatched ops, bad arguments) and Split.
-#include "comm/inprocess.h"
-
 #include <gtest/gtest.h>
 
 #include "comm/grid.h"
+#include "comm/inprocess.h"
 #include "tests/comm_test_util.h"
 #include "tests/test_util.h"
 
@@ -66,7 +65,9 @@ TEST(InProcess, TimeoutNamesGroupOpAndMissingRankThenCompletesWhenLateRankJoins)
     auto buf = testing::Filled(ElemType::kF32, r, 5);
     if (r == 2) {
       std::this_thread::sleep_for(milliseconds(400));
-      ASSERT_TRUE(g.AllReduce(buf.data(), 5, ElemType::kF32, ReduceOp::kSum)->Wait(milliseconds(5000)).ok());
+      ASSERT_TRUE(g.AllReduce(buf.data(), 5, ElemType::kF32, ReduceOp::kSum)
+                      ->Wait(milliseconds(5000))
+                      .ok());
     } else {
       auto w = g.AllReduce(buf.data(), 5, ElemType::kF32, ReduceOp::kSum);
       Status s = w->Wait(milliseconds(100));
@@ -75,9 +76,10 @@ TEST(InProcess, TimeoutNamesGroupOpAndMissingRankThenCompletesWhenLateRankJoins)
       EXPECT_HAS(s.message(), "ranks that have not joined: [2]");
       ASSERT_TRUE(w->Wait(milliseconds(5000)).ok());
     }
-    testing::ExpectAll(ElemType::kF32, buf.data(), 5,
-                       [](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, 3, i); },
-                       "late all_reduce");
+    testing::ExpectAll(
+        ElemType::kF32, buf.data(), 5,
+        [](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, 3, i); },
+        "late all_reduce");
   });
   EXPECT_LT(Seconds(t0), 3.0);
 }
@@ -101,7 +103,8 @@ TEST(InProcess, RankNeverJoinsThenGroupsAreDestroyed) {
   }
   // Rank 1 arrives after rank 0 left: the group is broken, the op fails at once.
   std::vector<float> late(100, 1.f);
-  Status s = (*g1)->ReduceScatter(late.data(), late.data(), 50, ElemType::kF32, ReduceOp::kSum)
+  Status s = (*g1)
+                 ->ReduceScatter(late.data(), late.data(), 50, ElemType::kF32, ReduceOp::kSum)
                  ->Wait(milliseconds(5000));
   EXPECT_EQ(s.code(), StatusCode::kCancelled) << s.ToString();
   EXPECT_HAS(s.message(), "rank 0 destroyed its group handle");
@@ -132,7 +135,8 @@ TEST(InProcess, AbortWakesEveryWaiter) {
       g.Abort();
       g.Abort();
     } else if (r == 1) {
-      Status s = g.AllReduce(buf.data(), 10, ElemType::kF32, ReduceOp::kSum)->Wait(milliseconds(10000));
+      Status s =
+          g.AllReduce(buf.data(), 10, ElemType::kF32, ReduceOp::kSum)->Wait(milliseconds(10000));
       EXPECT_EQ(s.code(), StatusCode::kCancelled) << s.ToString();
       EXPECT_HAS(s.message(), "world: all_reduce failed: group aborted by rank 2");
     } else {
@@ -231,7 +235,8 @@ TEST(InProcess, SplitByParityThenSplitAgain) {
     EXPECT_EQ((*sub)->size(), 2);
     EXPECT_EQ((*sub)->rank(), r >= 2 ? 0 : 1);
     int32_t v = r;
-    ASSERT_TRUE((*sub)->AllReduce(&v, 1, ElemType::kI32, ReduceOp::kSum)->Wait(milliseconds(5000)).ok());
+    ASSERT_TRUE(
+        (*sub)->AllReduce(&v, 1, ElemType::kI32, ReduceOp::kSum)->Wait(milliseconds(5000)).ok());
     EXPECT_EQ(v, r % 2 ? 4 : 2);
     // The world still works alongside.
     int32_t w = 1;
@@ -242,7 +247,8 @@ TEST(InProcess, SplitByParityThenSplitAgain) {
     ASSERT_TRUE(single.ok()) << single.status().ToString();
     EXPECT_EQ((*single)->size(), 1);
     int32_t s = 7;
-    EXPECT_TRUE((*single)->AllReduce(&s, 1, ElemType::kI32, ReduceOp::kAvg)->Wait(milliseconds(1000)).ok());
+    EXPECT_TRUE(
+        (*single)->AllReduce(&s, 1, ElemType::kI32, ReduceOp::kAvg)->Wait(milliseconds(1000)).ok());
     EXPECT_EQ(s, 7);
   });
 }
@@ -263,10 +269,8 @@ TEST(InProcess, SplitRejectsBadLists) {
   InProcessWorld world(1);
   auto g = MakeInProcessGroup(world, 0);
   ASSERT_TRUE(g.ok());
-  for (const auto& [ranks, needle] :
-       std::vector<std::pair<std::vector<int>, std::string>>{{{}, "empty rank list"},
-                                                             {{0, 0}, "duplicates"},
-                                                             {{0, 1}, "outside [0, 1)"}}) {
+  for (const auto& [ranks, needle] : std::vector<std::pair<std::vector<int>, std::string>>{
+           {{}, "empty rank list"}, {{0, 0}, "duplicates"}, {{0, 1}, "outside [0, 1)"}}) {
     auto sub = (*g)->Split(ranks, "x");
     ASSERT_FALSE(sub.ok());
     EXPECT_EQ(sub.status().code(), StatusCode::kInvalidArgument);
@@ -301,7 +305,8 @@ TEST(InProcess, SplitGridGroupsMatchTheGrid) {
                  {groups->dp.get(), grid->dp_group(r)}};
     for (auto& k : cases) {
       int64_t v = r;
-      ASSERT_TRUE(k.g->AllReduce(&v, 1, ElemType::kI64, ReduceOp::kSum)->Wait(milliseconds(5000)).ok());
+      ASSERT_TRUE(
+          k.g->AllReduce(&v, 1, ElemType::kI64, ReduceOp::kSum)->Wait(milliseconds(5000)).ok());
       int64_t want = 0;
       for (int m : k.members) want += m;
       EXPECT_EQ(v, want) << k.g->name();
@@ -319,7 +324,8 @@ TEST(InProcess, ReformAfterDestroy) {
         auto g = MakeInProcessGroup(world, r);
         ASSERT_TRUE(g.ok());
         int32_t v = generation + r;
-        ASSERT_TRUE((*g)->AllReduce(&v, 1, ElemType::kI32, ReduceOp::kSum)->Wait(milliseconds(5000)).ok());
+        ASSERT_TRUE(
+            (*g)->AllReduce(&v, 1, ElemType::kI32, ReduceOp::kSum)->Wait(milliseconds(5000)).ok());
         EXPECT_EQ(v, 3 * generation + 3);
       }
     });

@@ -32,8 +32,7 @@ class Backend {
 };
 
 // Runs fn(rank, group) on n threads, one per rank, and joins them.
-inline void RunRanks(Backend& backend, int n,
-                     const std::function<void(int, ProcessGroup&)>& fn) {
+inline void RunRanks(Backend& backend, int n, const std::function<void(int, ProcessGroup&)>& fn) {
   backend.NewWorld(n);
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r) {
@@ -181,11 +180,12 @@ constexpr milliseconds kWait{20000};
 
 inline void CheckAllReduce(int r, ProcessGroup& g, ElemType t, ReduceOp op, size_t count) {
   const std::string what = "rank " + std::to_string(r) + " all_reduce " + TypeName(t) + " " +
-                           OpName(op) + " x" + std::to_string(count) + " n=" +
-                           std::to_string(g.size());
+                           OpName(op) + " x" + std::to_string(count) +
+                           " n=" + std::to_string(g.size());
   auto buf = Filled(t, r, count);
   ASSERT_TRUE(g.AllReduce(buf.data(), count, t, op)->Wait(kWait).ok()) << what;
-  ExpectAll(t, buf.data(), count, [&](size_t i) { return Expected(t, op, g.size(), i); }, what);
+  ExpectAll(
+      t, buf.data(), count, [&](size_t i) { return Expected(t, op, g.size(), i); }, what);
 }
 
 inline void CheckReduceScatter(int r, ProcessGroup& g, ElemType t, ReduceOp op, size_t count) {
@@ -196,8 +196,8 @@ inline void CheckReduceScatter(int r, ProcessGroup& g, ElemType t, ReduceOp op, 
   std::vector<uint8_t> out(count * ElemSize(t) + 1, 0xAB);
   Status s = g.ReduceScatter(in.data(), out.data(), count, t, op)->Wait(kWait);
   ASSERT_TRUE(s.ok()) << what << ": " << s.ToString();
-  ExpectAll(t, out.data(), count, [&](size_t i) { return Expected(t, op, n, r * count + i); },
-            what);
+  ExpectAll(
+      t, out.data(), count, [&](size_t i) { return Expected(t, op, n, r * count + i); }, what);
 }
 
 inline void CheckAllGather(int r, ProcessGroup& g, ElemType t, size_t count, bool in_place) {
@@ -215,9 +215,12 @@ inline void CheckAllGather(int r, ProcessGroup& g, ElemType t, size_t count, boo
   }
   Status s = g.AllGather(in, out.data(), count, t)->Wait(kWait);
   ASSERT_TRUE(s.ok()) << what << ": " << s.ToString();
-  ExpectAll(t, out.data(), count * n,
-            [&](size_t i) { return static_cast<double>(Val(t, static_cast<int>(i / count), i % count, 1)); },
-            what);
+  ExpectAll(
+      t, out.data(), count * n,
+      [&](size_t i) {
+        return static_cast<double>(Val(t, static_cast<int>(i / count), i % count, 1));
+      },
+      what);
 }
 
 inline void CheckBroadcast(int r, ProcessGroup& g, ElemType t, size_t count, int root) {
@@ -226,8 +229,9 @@ inline void CheckBroadcast(int r, ProcessGroup& g, ElemType t, size_t count, int
   auto buf = Filled(t, r, count, 2);
   Status s = g.Broadcast(buf.data(), count, t, root)->Wait(kWait);
   ASSERT_TRUE(s.ok()) << what << ": " << s.ToString();
-  ExpectAll(t, buf.data(), count, [&](size_t i) { return static_cast<double>(Val(t, root, i, 2)); },
-            what);
+  ExpectAll(
+      t, buf.data(), count, [&](size_t i) { return static_cast<double>(Val(t, root, i, 2)); },
+      what);
 }
 
 // Ring exchange: every rank sends to r+1 and receives from r-1, twice on the same tag (they
@@ -251,9 +255,12 @@ inline void CheckSendRecvRing(int r, ProcessGroup& g, size_t count) {
     ASSERT_TRUE(s.ok()) << "rank " << r << ": " << s.ToString();
   }
   const std::string what = "rank " + std::to_string(r) + " recv x" + std::to_string(count);
-  ExpectAll(t, ra.data(), count, [&](size_t i) { return double(Val(t, left, i, 3)); }, what + " a");
-  ExpectAll(t, rb.data(), count, [&](size_t i) { return double(Val(t, left, i, 4)); }, what + " b");
-  ExpectAll(t, rc.data(), count, [&](size_t i) { return double(Val(t, left, i, 5)); }, what + " c");
+  ExpectAll(
+      t, ra.data(), count, [&](size_t i) { return double(Val(t, left, i, 3)); }, what + " a");
+  ExpectAll(
+      t, rb.data(), count, [&](size_t i) { return double(Val(t, left, i, 4)); }, what + " b");
+  ExpectAll(
+      t, rc.data(), count, [&](size_t i) { return double(Val(t, left, i, 5)); }, what + " c");
 }
 
 // Nobody leaves the barrier before everybody has arrived.
@@ -263,8 +270,8 @@ inline void CheckBarrier(int r, ProcessGroup& g, std::atomic<int>* arrived) {
     if (r == 0) std::this_thread::sleep_for(milliseconds(20));  // rank 0 is late every round
     Status s = g.Barrier()->Wait(kWait);
     ASSERT_TRUE(s.ok()) << s.ToString();
-    EXPECT_GE(arrived->load(), round * g.size()) << "rank " << r << " left barrier " << round
-                                                 << " early";
+    EXPECT_GE(arrived->load(), round * g.size())
+        << "rank " << r << " left barrier " << round << " early";
     // Keep rounds apart so a fast rank cannot add next round's arrival too early.
     ASSERT_TRUE(g.Barrier()->Wait(kWait).ok());
   }
@@ -279,10 +286,11 @@ inline void AllReduceSuite(Backend& b, int n) {
   RunRanks(b, n, [](int r, ProcessGroup& g) {
     for (ElemType t : AllTypes()) {
       for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax}) {
-        for (size_t count : {size_t{0}, size_t{1}, size_t{1001}}) CheckAllReduce(r, g, t, op, count);
+        for (size_t count : {size_t{0}, size_t{1}, size_t{1001}})
+          CheckAllReduce(r, g, t, op, count);
       }
     }
-    CheckAllReduce(r, g, ElemType::kF32, ReduceOp::kSum, size_t{1} << 20);  // 4 MB
+    CheckAllReduce(r, g, ElemType::kF32, ReduceOp::kSum, size_t{1} << 20);   // 4 MB
     CheckAllReduce(r, g, ElemType::kBF16, ReduceOp::kAvg, size_t{1} << 20);  // 2 MB
   });
 }
@@ -316,7 +324,8 @@ inline void BroadcastSuite(Backend& b, int n) {
   RunRanks(b, n, [](int r, ProcessGroup& g) {
     for (int root = 0; root < g.size(); ++root) {
       for (ElemType t : {ElemType::kF32, ElemType::kBF16, ElemType::kU8, ElemType::kI64}) {
-        for (size_t count : {size_t{0}, size_t{1}, size_t{1001}}) CheckBroadcast(r, g, t, count, root);
+        for (size_t count : {size_t{0}, size_t{1}, size_t{1001}})
+          CheckBroadcast(r, g, t, count, root);
       }
     }
     CheckBroadcast(r, g, ElemType::kF32, size_t{1} << 20, g.size() - 1);
@@ -348,9 +357,10 @@ inline void CheckManyInFlight(int r, ProcessGroup& g) {
   for (int k = kOps - 1; k >= 0; --k) {
     Status s = works[k]->Wait(kWait);
     ASSERT_TRUE(s.ok()) << s.ToString();
-    ExpectAll(ElemType::kF32, bufs[k].data(), 1000 + k,
-              [&](size_t i) { return Expected(ElemType::kF32, ReduceOp::kSum, g.size(), i, k); },
-              "in-flight op " + std::to_string(k));
+    ExpectAll(
+        ElemType::kF32, bufs[k].data(), 1000 + k,
+        [&](size_t i) { return Expected(ElemType::kF32, ReduceOp::kSum, g.size(), i, k); },
+        "in-flight op " + std::to_string(k));
   }
 }
 

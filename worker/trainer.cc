@@ -54,8 +54,18 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
     t->tp_rank_ = options.tp_group->rank();
     t->tp_comm_ = std::make_unique<ProcessGroupTpComm>(options.tp_group, options.comm_timeout);
   }
-  ASSIGN_OR_RETURN(t->model_,
-                   model::Gpt::Create(cfg, dtype, t->micro_, t->seq_, t->tp_comm_.get()));
+  model::PipelineStage stage;
+  int slots = 1;
+  if (options.pp_group != nullptr && options.pp_group->size() > 1) {
+    t->pp_ = options.pp_group->size();
+    t->pp_rank_ = options.pp_group->rank();
+    ASSIGN_OR_RETURN(t->schedule_, ParsePipelineSchedule(spec.parallel().schedule()));
+    stage.index = t->pp_rank_;
+    stage.count = t->pp_;
+    slots = PipelineSlots(t->schedule_, t->pp_, t->pp_rank_, t->accum_);
+  }
+  ASSIGN_OR_RETURN(t->model_, model::Gpt::Create(cfg, dtype, t->micro_, t->seq_, t->tp_comm_.get(),
+                                                 stage, slots));
   t->model_->InitWeights(spec.train().seed());
   model::AdamWConfig ac;
   ac.beta1 = static_cast<float>(spec.train().beta1());
@@ -96,10 +106,11 @@ int64_t Trainer::FirstSample(int64_t step, int micro) const {
 }
 
 double Trainer::LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const {
-  if (tp_rank_ == 0) return model::SumOfSquares(g, n);
+  if (tp_rank_ == 0 && pp_ == 1) return model::SumOfSquares(g, n);
   double sum = 0.0;
   for (const model::ParamTensor& t : model_->tensors()) {
-    if (t.replicated()) continue;
+    if (tp_rank_ != 0 && t.replicated()) continue;
+    if (!CountsInGradNorm(t, model_->stage())) continue;  // wte's last-stage copy
     const int64_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, lo + n);
     if (a < b) sum += model::SumOfSquares(g + (a - lo), b - a);
   }
@@ -149,22 +160,49 @@ Result<StepStats> Trainer::Step() {
   };
   const bool bucketed = dp_ > 1 && !zero1_;
 
-  double loss_sum = 0.0;
-  for (int m = 0; m < accum_; ++m) {
-    data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
-                     targets_.data());
-    Result<float> loss = model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
-    Status bs = loss.ok() ? model_->Backward(bucketed && m == accum_ - 1 ? on_ready : nullptr)
-                          : loss.status();
-    if (!bs.ok()) {
-      // Buckets already launched read the gradient buffer: drain them before returning.
-      WaitAll(&pending_).IgnoreError();
-      return bs.WithContext("step " + std::to_string(step_));
+  Status bs;
+  if (pp_ > 1) {
+    PipelineStepOptions po;
+    po.schedule = schedule_;
+    po.num_micro = accum_;
+    po.micro_batch = micro_;
+    po.seq = seq_;
+    po.dloss = dloss;
+    po.timeout = options_.comm_timeout;
+    if (bucketed) po.on_ready = on_ready;
+    // The tied-embedding sum writes wte's gradient: it must wait for the buckets reading it.
+    po.sum_tied_embedding = false;
+    auto r = RunPipelineStep(
+        *model_, *options_.pp_group,
+        [&](int m, int32_t* in, int32_t* tg) {
+          data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, in, tg);
+        },
+        po);
+    if (r.ok()) st.loss = r->mean_loss;
+    bs = r.status();
+  } else {
+    double loss_sum = 0.0;
+    for (int m = 0; m < accum_ && bs.ok(); ++m) {
+      data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
+                       targets_.data());
+      Result<float> loss = model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
+      bs = loss.ok() ? model_->Backward(bucketed && m == accum_ - 1 ? on_ready : nullptr)
+                     : loss.status();
+      if (loss.ok()) loss_sum += *loss;
     }
-    loss_sum += *loss;
+    st.loss = static_cast<float>(loss_sum / accum_);
+  }
+  if (!bs.ok()) {
+    // Buckets already launched read the gradient buffer: drain them before returning.
+    WaitAll(&pending_).IgnoreError();
+    return bs.WithContext("step " + std::to_string(step_));
   }
   if (lo >= 0) launch();
-  st.loss = static_cast<float>(loss_sum / accum_);
+  if (pp_ > 1) {
+    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+    RETURN_IF_ERROR(SumTiedEmbeddingGrads(*model_, *options_.pp_group, options_.comm_timeout)
+                        .WithContext("step " + std::to_string(step_)));
+  }
 
   // The gradient this rank updates: all of it, or its ZeRO-1 shard.
   float* ug = g;
@@ -201,6 +239,11 @@ Result<StepStats> Trainer::Step() {
         options_.tp_group->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
     RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
   }
+  if (pp_ > 1) {
+    pending_.push_back(
+        options_.pp_group->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
+    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+  }
   const double norm = std::sqrt(sumsq);
   st.grad_norm = static_cast<float>(norm);
   // Every rank sees the same norm, so every rank takes the same skip decision.
@@ -232,8 +275,8 @@ Result<StepStats> Trainer::Step() {
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
   st.tokens_per_second = tokens / st.seconds;
-  // MFU per device: the global batch's FLOPs spread over dp * tp devices.
-  st.mfu = st.tokens_per_second * flops_per_token_ / (peak_flops_ * dp_ * tp_);
+  // MFU per device: the global batch's FLOPs spread over dp * tp * pp devices.
+  st.mfu = st.tokens_per_second * flops_per_token_ / (peak_flops_ * dp_ * tp_ * pp_);
   return st;
 }
 
@@ -241,6 +284,24 @@ Result<float> Trainer::EvalLoss() {
   const int batches = spec_.eval().batches();
   double sum = 0.0;
   for (int i = 0; i < batches; ++i) {
+    if (pp_ > 1) {
+      PipelineStepOptions po;
+      po.schedule = schedule_;
+      po.num_micro = 1;
+      po.micro_batch = micro_;
+      po.seq = seq_;
+      po.dloss = 0.f;  // forward only
+      po.timeout = options_.comm_timeout;
+      ASSIGN_OR_RETURN(const PipelineStepResult r,
+                       RunPipelineStep(
+                           *model_, *options_.pp_group,
+                           [&](int, int32_t* in, int32_t* tg) {
+                             data_.ValBatch(static_cast<int64_t>(i) * micro_, micro_, in, tg);
+                           },
+                           po));
+      sum += r.mean_loss;
+      continue;
+    }
     data_.ValBatch(static_cast<int64_t>(i) * micro_, micro_, inputs_.data(), targets_.data());
     ASSIGN_OR_RETURN(const float loss,
                      model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, 0.f));

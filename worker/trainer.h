@@ -17,6 +17,7 @@
 #include "model/tensor_parallel.h"
 #include "proto/job.pb.h"
 #include "worker/data.h"
+#include "worker/pipeline.h"
 
 namespace strata::worker {
 
@@ -41,6 +42,10 @@ struct TrainOptions {
   // Tensor parallelism: this rank's tensor-parallel group (nullptr or size 1: none). All ranks
   // of a TP group belong to the same data-parallel slice and see the same samples.
   comm::ProcessGroup* tp_group = nullptr;
+  // Pipeline parallelism: this rank's pipeline group (ranks = stages in order; nullptr or size
+  // 1: none). The stage holds a balanced range of blocks; micro-batches run on the schedule of
+  // parallel.schedule (1f1b or gpipe); the loss reaches every stage.
+  comm::ProcessGroup* pp_group = nullptr;
   int64_t bucket_bytes = 4 << 20;  // all-reduce bucket size
   std::chrono::milliseconds comm_timeout{30000};
 };
@@ -112,7 +117,8 @@ class Trainer {
   double LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const;
 
   int micro_ = 0, accum_ = 0, seq_ = 0;
-  int dp_ = 1, dp_rank_ = 0, tp_ = 1, tp_rank_ = 0;
+  int dp_ = 1, dp_rank_ = 0, tp_ = 1, tp_rank_ = 0, pp_ = 1, pp_rank_ = 0;
+  PipelineSchedule schedule_ = PipelineSchedule::k1F1B;
   std::unique_ptr<model::TensorParallelComm> tp_comm_;
   bool zero1_ = false;
   int64_t shard_ = 0;             // ZeRO-1: elements per rank (padded)

@@ -59,11 +59,10 @@ TEST(Mpi, ReduceScatter) {
   ASSERT_TRUE(g.ReduceScatter(p, p + r * 100, 100, ElemType::kI32, ReduceOp::kSum)
                   ->Wait(testing::kWait)
                   .ok());
-  testing::ExpectAll(ElemType::kI32, p + r * 100, 100,
-                     [&](size_t i) {
-                       return testing::Expected(ElemType::kI32, ReduceOp::kSum, n, r * 100 + i);
-                     },
-                     "in-place reduce_scatter");
+  testing::ExpectAll(
+      ElemType::kI32, p + r * 100, 100,
+      [&](size_t i) { return testing::Expected(ElemType::kI32, ReduceOp::kSum, n, r * 100 + i); },
+      "in-place reduce_scatter");
 }
 
 TEST(Mpi, AllGather) {
@@ -118,9 +117,7 @@ TEST(Mpi, Barrier) {
   EXPECT_GE(Seconds(t0), 0.19) << "rank " << g.rank() << " left the barrier early";
 }
 
-TEST(Mpi, ManyInFlight) {
-  testing::CheckManyInFlight(g_world->rank(), *g_world);
-}
+TEST(Mpi, ManyInFlight) { testing::CheckManyInFlight(g_world->rank(), *g_world); }
 
 TEST(Mpi, SplitByParity) {
   ProcessGroup& g = *g_world;
@@ -133,7 +130,8 @@ TEST(Mpi, SplitByParity) {
   ASSERT_TRUE(sub.ok()) << sub.status().ToString();
   EXPECT_EQ((*sub)->name(), r % 2 ? "odd" : "even");
   EXPECT_EQ((*sub)->size(), static_cast<int>(mine.size()));
-  EXPECT_EQ((*sub)->rank(), static_cast<int>(std::find(mine.begin(), mine.end(), r) - mine.begin()));
+  EXPECT_EQ((*sub)->rank(),
+            static_cast<int>(std::find(mine.begin(), mine.end(), r) - mine.begin()));
   int64_t v = r, want = 0;
   for (int q : mine) want += q;
   ASSERT_TRUE((*sub)->AllReduce(&v, 1, ElemType::kI64, ReduceOp::kSum)->Wait(testing::kWait).ok());
@@ -179,9 +177,10 @@ TEST(Mpi, TimeoutThenLateRankCompletes) {
   }
   Status s = w->Wait(milliseconds(10000));
   ASSERT_TRUE(s.ok()) << s.ToString();
-  testing::ExpectAll(ElemType::kF32, buf.data(), 64,
-                     [&](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, n, i); },
-                     "late all_reduce");
+  testing::ExpectAll(
+      ElemType::kF32, buf.data(), 64,
+      [&](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, n, i); },
+      "late all_reduce");
 }
 
 TEST(Mpi, PointToPointTimeoutThenLateSend) {
@@ -206,11 +205,13 @@ TEST(Mpi, PointToPointTimeoutThenLateSend) {
 // later ops fail; the abandoned op completes when the peers join and MpiFinalize drains it.
 TEST(Mpi, AbortFailsLocalWorks) {
   ProcessGroup& g = *g_world;
-  auto sub = g.Split([&] {
-    std::vector<int> all;
-    for (int q = 0; q < g.size(); ++q) all.push_back(q);
-    return all;
-  }(), "abortable");
+  auto sub = g.Split(
+      [&] {
+        std::vector<int> all;
+        for (int q = 0; q < g.size(); ++q) all.push_back(q);
+        return all;
+      }(),
+      "abortable");
   ASSERT_TRUE(sub.ok());
   static std::vector<float> buf(16, 1.f);  // outlives the test: the op completes later
   if (g.rank() == 0) {
@@ -229,7 +230,8 @@ TEST(Mpi, AbortFailsLocalWorks) {
   } else {
     std::this_thread::sleep_for(milliseconds(300));
     std::vector<float> mine(16, 1.f);
-    EXPECT_TRUE((*sub)->AllReduce(mine.data(), 16, ElemType::kF32, ReduceOp::kSum)
+    EXPECT_TRUE((*sub)
+                    ->AllReduce(mine.data(), 16, ElemType::kF32, ReduceOp::kSum)
                     ->Wait(testing::kWait)
                     .ok());
   }

@@ -17,8 +17,11 @@ import tempfile
 STEPS = 20
 TOL = 1e-5
 # (dp, tp, pp, zero1); world = dp * tp * pp.
-LAYOUTS = [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (4, 1, 1, False),
-           (1, 4, 1, False), (2, 1, 1, True), (4, 1, 1, True), (2, 2, 1, True)]
+# Every layout in {1,2}^3, plus dp=4 and pp=4, with ZeRO-1 off and on where dp > 1.
+LAYOUTS = [(dp, tp, pp, False) for dp in (1, 2) for tp in (1, 2) for pp in (1, 2)
+           if dp * tp * pp > 1]
+LAYOUTS += [(4, 1, 1, False), (1, 1, 4, False), (1, 4, 1, False)]
+LAYOUTS += [(dp, tp, pp, True) for dp, tp, pp, _ in LAYOUTS if dp > 1]
 
 
 def losses(path):
@@ -37,7 +40,7 @@ def main(build):
             f.write(" ".join(rng.choice(words) for _ in range(8000)))
         job = os.path.join(d, "job.yaml")
         with open(job, "w") as f:
-            f.write("model: {layers: 2, heads: 4, d_model: 32, seq_len: 16}\n"
+            f.write("model: {layers: 4, heads: 4, d_model: 32, seq_len: 16}\n"
                     "data: {train: input.txt}\n"
                     f"train: {{steps: {STEPS}, global_batch: 8, micro_batch: 2, lr: 3.0e-3,"
                     " warmup: 3, seed: 11}\n"
