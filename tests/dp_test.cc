@@ -9,8 +9,10 @@
 #include <thread>
 #include <vector>
 
+#include "comm/gloo.h"
 #include "comm/grid.h"
 #include "comm/inprocess.h"
+#include "comm/store.h"
 #include "tests/test_util.h"
 #include "worker/trainer.h"
 
@@ -192,9 +194,13 @@ struct GridRun {
   Status status;
 };
 
-GridRun RunGrid(const proto::JobSpec& spec, int dp, int tp, const model::Gpt& reference_layout) {
-  const int world_size = dp * tp;
+enum class Backend { kInProcess, kGloo };
+
+GridRun RunGrid(const proto::JobSpec& spec, int dp, int tp, const model::Gpt& reference_layout,
+                int pp = 1, Backend backend = Backend::kInProcess) {
+  const int world_size = dp * tp * pp;
   comm::InProcessWorld world(world_size);
+  std::shared_ptr<comm::Store> store = comm::MakeHashStore();
   GridRun out;
   out.params.resize(world_size);
   std::vector<Status> statuses(world_size);
@@ -205,9 +211,11 @@ GridRun RunGrid(const proto::JobSpec& spec, int dp, int tp, const model::Gpt& re
   for (int r = 0; r < world_size; ++r) {
     threads.emplace_back([&, r] {
       auto fail = [&](const Status& s) { statuses[r] = s; };
-      auto wg = comm::MakeInProcessGroup(world, r);
+      auto wg = backend == Backend::kGloo ? comm::MakeGlooGroup(store, "world", r, world_size,
+                                                                std::chrono::milliseconds(20000))
+                                          : comm::MakeInProcessGroup(world, r);
       if (!wg.ok()) return fail(wg.status());
-      auto grid = comm::Grid::Create(world_size, dp, tp, 1);
+      auto grid = comm::Grid::Create(world_size, dp, tp, pp);
       if (!grid.ok()) return fail(grid.status());
       auto groups = comm::SplitGrid(**wg, *grid);
       if (!groups.ok()) return fail(groups.status());
@@ -216,6 +224,7 @@ GridRun RunGrid(const proto::JobSpec& spec, int dp, int tp, const model::Gpt& re
       opt.log_steps = false;
       opt.dp_group = groups->dp.get();
       opt.tp_group = groups->tp.get();
+      opt.pp_group = groups->pp.get();
       opt.bucket_bytes = 2048;
       auto t = worker::Trainer::Create(spec, opt);
       if (!t.ok()) return fail(t.status());
@@ -251,13 +260,14 @@ GridRun RunGrid(const proto::JobSpec& spec, int dp, int tp, const model::Gpt& re
 }
 
 struct GridLayout {
-  int dp, tp;
+  int dp, tp, pp;
   bool zero1;
+  Backend backend = Backend::kInProcess;
 };
 
 class GridTest : public ::testing::TestWithParam<GridLayout> {};
 
-TEST_P(GridTest, DataTimesTensorParallelMatchesOneProcess) {
+TEST_P(GridTest, ThreeDLayoutMatchesOneProcess) {
   const GridLayout l = GetParam();
   testing::ScratchDir dir;
   const std::string text = testing::WriteText(dir.path() + "/input.txt", 20000);
@@ -275,7 +285,7 @@ TEST_P(GridTest, DataTimesTensorParallelMatchesOneProcess) {
     ref_norms.push_back(st->grad_norm);
   }
   const model::Gpt& rm = (*ref)->model();
-  const GridRun got = RunGrid(spec, l.dp, l.tp, rm);
+  const GridRun got = RunGrid(spec, l.dp, l.tp, rm, l.pp, l.backend);
   ASSERT_TRUE(got.status.ok()) << got.status.ToString();
   EXPECT_LE(MaxRelDiff(got.losses, ref_losses), 1e-5);
   EXPECT_LE(MaxRelDiff(got.norms, ref_norms), 1e-4) << "each parameter counted exactly once";
@@ -306,11 +316,21 @@ TEST(GridLayoutErrors, TensorParallelMustDivideHeads) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, GridTest,
-                         ::testing::Values(GridLayout{1, 2, false}, GridLayout{2, 2, false},
-                                           GridLayout{2, 2, true}),
+                         ::testing::Values(GridLayout{1, 2, 1, false}, GridLayout{2, 2, 1, false},
+                                           GridLayout{2, 2, 1, true}, GridLayout{1, 1, 2, false},
+                                           GridLayout{2, 1, 2, true}, GridLayout{2, 2, 2, false},
+                                           // Gloo over loopback TCP, bootstrapped by a store
+                                           GridLayout{2, 1, 1, false, Backend::kGloo},
+                                           GridLayout{1, 2, 1, false, Backend::kGloo},
+                                           GridLayout{1, 1, 2, false, Backend::kGloo},
+                                           GridLayout{2, 1, 1, true, Backend::kGloo},
+                                           GridLayout{2, 2, 2, false, Backend::kGloo}),
                          [](const ::testing::TestParamInfo<GridLayout>& i) {
-                           return "dp" + std::to_string(i.param.dp) + "_tp" +
-                                  std::to_string(i.param.tp) + (i.param.zero1 ? "_zero1" : "");
+                           return std::string(i.param.backend == Backend::kGloo ? "gloo_"
+                                                                                : "inproc_") +
+                                  "dp" + std::to_string(i.param.dp) + "_tp" +
+                                  std::to_string(i.param.tp) + "_pp" + std::to_string(i.param.pp) +
+                                  (i.param.zero1 ? "_zero1" : "");
                          });
 
 }  // namespace
