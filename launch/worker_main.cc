@@ -25,17 +25,20 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: mpirun -np N strata-worker --job JOB.yaml [--dp N] [--tp N] [--pp N] [--zero1]\n"
-    "                                  [--max-steps N] [--threads N] [--metrics FILE]\n"
-    "                                  [--log-level LEVEL]\n"
+    "                                  [--max-steps N] [--micro-batch N] [--threads N]\n"
+    "                                  [--metrics FILE]\n"
+    "                                  [--no-overlap] [--log-level LEVEL]\n"
     "  --dp/--tp/--pp override parallel.dp/tp/pp of the job (0 or absent: chosen by the rule\n"
     "  tp = pp = 1, dp = world size). --threads: CPU threads per rank (default: cores divided\n"
-    "  among the ranks on this node). --metrics: rank 0 appends one JSON line per step.\n";
+    "  among the ranks on this node). --metrics: rank 0 appends one JSON line per step.\n"
+    "  --no-overlap: reduce gradients after backward instead of during it (benchmarking).\n";
 
 struct Args {
   std::string job, metrics, level = "info";
-  int dp = -1, tp = -1, pp = -1, threads = -1;
+  int dp = -1, tp = -1, pp = -1, threads = -1, micro_batch = -1;
   long long max_steps = -1;
   bool zero1 = false;
+  bool no_overlap = false;
 };
 
 bool ParseInt(const std::string& s, long long* out) {
@@ -55,6 +58,10 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
       a->zero1 = true;
       continue;
     }
+    if (f == "--no-overlap") {
+      a->no_overlap = true;
+      continue;
+    }
     if (f == "--help" || f == "-h") return strata::InvalidArgument("");
     const char* v = value();
     if (v == nullptr) return strata::InvalidArgument(f + " needs a value");
@@ -66,7 +73,7 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
     } else if (f == "--log-level") {
       a->level = v;
     } else if (f == "--dp" || f == "--tp" || f == "--pp" || f == "--threads" ||
-               f == "--max-steps") {
+               f == "--max-steps" || f == "--micro-batch") {
       if (!ParseInt(v, &n)) {
         return strata::InvalidArgument(f + ": '" + v + "' is not a non-negative integer");
       }
@@ -75,6 +82,7 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
       if (f == "--pp") a->pp = static_cast<int>(n);
       if (f == "--threads") a->threads = static_cast<int>(n);
       if (f == "--max-steps") a->max_steps = n;
+      if (f == "--micro-batch") a->micro_batch = static_cast<int>(n);
     } else {
       return strata::InvalidArgument("unknown flag '" + f + "'");
     }
@@ -132,6 +140,7 @@ int Main(int argc, char** argv) {
   if (a.tp >= 0) par->set_tp(a.tp);
   if (a.pp >= 0) par->set_pp(a.pp);
   if (a.zero1) par->set_zero1(true);
+  if (a.micro_batch > 0) spec->mutable_train()->set_micro_batch(a.micro_batch);
   // The simple rule for "auto": no model parallelism, all ranks data-parallel.
   const int tp = par->tp() > 0 ? par->tp() : 1;
   const int pp = par->pp() > 0 ? par->pp() : 1;
@@ -157,6 +166,7 @@ int Main(int argc, char** argv) {
   opt.dp_group = groups->dp.get();
   opt.tp_group = groups->tp.get();
   opt.pp_group = groups->pp.get();
+  opt.overlap_grad_reduce = !a.no_overlap;
   if (rank == 0) opt.metrics_path = a.metrics;
   auto trainer = strata::worker::Trainer::Create(*spec, opt);
   if (!trainer.ok()) return Fail(rank, a.job, trainer.status());

@@ -118,6 +118,14 @@ double Trainer::LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const {
 }
 
 Status Trainer::WaitAll(std::vector<std::unique_ptr<comm::Work>>* works) {
+  const auto t0 = std::chrono::steady_clock::now();
+  struct Timer {
+    std::chrono::steady_clock::time_point t0;
+    double* acc;
+    ~Timer() {
+      *acc += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  } timer{t0, &comm_wait_s_};
   Status first;
   for (auto& w : *works) {
     Status s = w->Wait(options_.comm_timeout);
@@ -131,6 +139,7 @@ Result<StepStats> Trainer::Step() {
   const auto t0 = std::chrono::steady_clock::now();
   StepStats st;
   st.step = step_;
+  comm_wait_s_ = 0.0;
   st.loss_scale = fp16_ ? scaler_.scale() : 1.f;
   model_->ZeroGrad();
   float* g = model_->grads();
@@ -158,7 +167,7 @@ Result<StepStats> Trainer::Step() {
     lo = offset;
     if ((hi - lo) * static_cast<int64_t>(sizeof(float)) >= options_.bucket_bytes) launch();
   };
-  const bool bucketed = dp_ > 1 && !zero1_;
+  const bool bucketed = dp_ > 1 && !zero1_ && options_.overlap_grad_reduce;
 
   Status bs;
   if (pp_ > 1) {
@@ -198,6 +207,11 @@ Result<StepStats> Trainer::Step() {
     return bs.WithContext("step " + std::to_string(step_));
   }
   if (lo >= 0) launch();
+  if (dp_ > 1 && !zero1_ && !options_.overlap_grad_reduce) {  // one all-reduce, after backward
+    lo = 0;
+    hi = n;
+    launch();
+  }
   if (pp_ > 1) {
     RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
     RETURN_IF_ERROR(SumTiedEmbeddingGrads(*model_, *options_.pp_group, options_.comm_timeout)
@@ -272,6 +286,7 @@ Result<StepStats> Trainer::Step() {
     spdlog::warn("step {}: non-finite gradient norm; update skipped", step_);
   }
   ++step_;
+  st.comm_wait_seconds = comm_wait_s_;
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
   st.tokens_per_second = tokens / st.seconds;
@@ -336,9 +351,10 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
     if (metrics != nullptr) {
       std::fprintf(metrics,
                    "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,"
-                   "\"tokens_per_s\":%.1f,\"applied\":%s}\n",
+                   "\"tokens_per_s\":%.1f,\"step_s\":%.6f,\"comm_wait_s\":%.6f,\"applied\":%s}\n",
                    static_cast<long long>(st.step + 1), st.loss, st.lr, st.grad_norm,
-                   st.tokens_per_second, st.applied ? "true" : "false");
+                   st.tokens_per_second, st.seconds, st.comm_wait_seconds,
+                   st.applied ? "true" : "false");
       std::fflush(metrics);
     }
     if (sum.steps == 0) sum.first_loss = st.loss;

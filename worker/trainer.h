@@ -47,6 +47,9 @@ struct TrainOptions {
   // parallel.schedule (1f1b or gpipe); the loss reaches every stage.
   comm::ProcessGroup* pp_group = nullptr;
   int64_t bucket_bytes = 4 << 20;  // all-reduce bucket size
+  // Launch bucket all-reduces during backward (true) or all after backward (false; for
+  // measuring what the overlap hides).
+  bool overlap_grad_reduce = true;
   std::chrono::milliseconds comm_timeout{30000};
 };
 
@@ -60,6 +63,9 @@ struct StepStats {
   double seconds = 0.0;
   double tokens_per_second = 0.0;
   double mfu = 0.0;  // fraction of the measured GEMM rate
+  // Time this rank spent blocked waiting for collectives after its own compute (exposed
+  // communication: the part not hidden behind backward).
+  double comm_wait_seconds = 0.0;
 };
 
 struct TrainSummary {
@@ -125,6 +131,7 @@ class Trainer {
   std::vector<float> padded_;     // ZeRO-1: dp * shard_ gradients / gathered parameters
   std::vector<float> shard_buf_;  // ZeRO-1: this rank's reduced gradient shard
   std::vector<std::unique_ptr<comm::Work>> pending_;
+  double comm_wait_s_ = 0.0;  // this step's time blocked in WaitAll
   int64_t step_ = 0, opt_step_ = 0, total_steps_ = 0;
   double flops_per_token_ = 0.0, peak_flops_ = 0.0;
   std::vector<int32_t> inputs_, targets_;
