@@ -3,16 +3,24 @@
 //   mpirun -np N collectives_bench [--max-bytes B] [--min-bytes B]
 //       all-reduce, reduce-scatter and all-gather of fp32 through our MPI-backend ProcessGroup
 //       and through the blocking MPI call (MPI_Allreduce / MPI_Reduce_scatter_block /
-//       MPI_Allgather) on the same buffers in the same run, alternating, best of two rounds;
+//       MPI_Allgather) on the same buffers in the same run, alternating, best of --rounds;
 //       also the raw non-blocking call + MPI_Wait ("nb"), which is what the backend pays
 //       underneath, so the table separates MPI's non-blocking cost from the wrapper's.
 //   collectives_bench --gloo-threads N [...]
-//       the same collectives through the Gloo backend, ranks as threads over TCP loopback.
+//       the same collectives through the Gloo backend, ranks as threads over TCP loopback,
+//       and through gloo::allreduce / gloo::allgather called directly on separate contexts
+//       (Gloo 2022 has no reduce-scatter of its own; ours is a ring over unbound buffers).
 //
 // size is the whole buffer as nccl-tests counts it: the all-reduce buffer, the reduce-scatter
 // input, the all-gather output (each rank contributes size/N). time is the slowest rank's
 // mean per op. algbw = size / time; busbw = algbw * 2(n-1)/n for all-reduce and
 // algbw * (n-1)/n for reduce-scatter and all-gather (the bytes each link must carry).
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/hash_store.h>
+#include <gloo/transport/tcp/device.h>
 #include <mpi.h>
 
 #include <algorithm>
@@ -119,7 +127,7 @@ std::vector<size_t> Sizes(size_t min_bytes, size_t max_bytes) {
   return v;
 }
 
-int RunMpi(int argc, char** argv, size_t min_bytes, size_t max_bytes) {
+int RunMpi(int argc, char** argv, size_t min_bytes, size_t max_bytes, int rounds) {
   if (Status s = MpiInit(&argc, &argv); !s.ok()) Die(s);
   {
     auto world = MakeMpiWorldGroup();
@@ -167,10 +175,10 @@ int RunMpi(int argc, char** argv, size_t min_bytes, size_t max_bytes) {
           Status s = Issue(g, c, b)->Wait(std::chrono::milliseconds(60000));
           if (!s.ok()) Die(s);
         };
-        // Alternate the three twice; keep each one's best round.
+        // Alternate the three; keep each one's best round.
         double best[3] = {1e30, 1e30, 1e30};
         const std::function<void()> variants[3] = {raw, nb, ours};
-        for (int round = 0; round < 2; ++round) {
+        for (int round = 0; round < rounds; ++round) {
           for (int v = 0; v < 3; ++v) {
             MPI_Barrier(MPI_COMM_WORLD);
             double t = TimeOps(warmup, iters, variants[v]);
@@ -194,9 +202,27 @@ int RunMpi(int argc, char** argv, size_t min_bytes, size_t max_bytes) {
   return 0;
 }
 
-int RunGloo(int n, size_t min_bytes, size_t max_bytes) {
+// Raw Gloo: one context per thread, the collective called directly (no worker thread).
+void RawGloo(const std::shared_ptr<gloo::Context>& ctx, Coll c, Buffers& b) {
+  if (c == Coll::kAllReduce) {
+    gloo::AllreduceOptions o(ctx);
+    o.setOutput(b.in.data(), b.count);
+    o.setReduceFunction(
+        [](void* out, const void* x, const void* y, size_t k) { gloo::sum<float>(out, x, y, k); });
+    gloo::allreduce(o);
+  } else {
+    gloo::AllgatherOptions o(ctx);
+    o.setInput(b.in.data(), b.count);
+    o.setOutput(b.out.data(), b.count * ctx->size);
+    gloo::allgather(o);
+  }
+}
+
+int RunGloo(int n, size_t min_bytes, size_t max_bytes, int rounds) {
   auto store = MakeHashStore();
+  gloo::rendezvous::HashStore raw_store;
   std::vector<std::unique_ptr<ProcessGroup>> groups(n);
+  std::vector<std::shared_ptr<gloo::Context>> raw(n);
   {
     std::vector<std::thread> threads;
     for (int r = 0; r < n; ++r) {
@@ -204,34 +230,60 @@ int RunGloo(int n, size_t min_bytes, size_t max_bytes) {
         auto g = MakeGlooGroup(store, "bench", r, n, std::chrono::milliseconds(60000));
         if (!g.ok()) Die(g.status());
         groups[r] = std::move(g).value();
+        auto dev = gloo::transport::tcp::CreateDevice("127.0.0.1");
+        auto ctx = std::make_shared<gloo::rendezvous::Context>(r, n);
+        ctx->setTimeout(std::chrono::milliseconds(60000));
+        ctx->connectFullMesh(raw_store, dev);
+        raw[r] = ctx;
       });
     }
     for (auto& t : threads) t.join();
   }
-  PrintHeader(n, "Gloo backend (ranks are threads, TCP loopback)", false);
+  std::printf(
+      "# Gloo backend vs gloo:: calls on their own contexts, %d ranks as threads, TCP loopback, "
+      "fp32 sum;\n# time = slowest rank's mean per op; bw in GB/s\n",
+      n);
+  std::printf("%-15s %10s %10s %9s %9s %10s %9s %9s %8s\n", "# collective", "size(B)", "raw(us)",
+              "algbw", "busbw", "ours(us)", "algbw", "busbw", "ours/raw");
   for (Coll c : {Coll::kAllReduce, Coll::kReduceScatter, Coll::kAllGather}) {
     for (size_t size : Sizes(min_bytes, max_bytes)) {
       std::vector<Buffers> bufs;
       for (int r = 0; r < n; ++r) bufs.push_back(MakeBuffers(c, size, n));
       const int iters = std::max(3, ItersFor(bufs[0].bytes) / 4);
-      std::vector<double> t(n);
-      std::vector<std::thread> threads;
-      for (int r = 0; r < n; ++r) {
-        threads.emplace_back([&, r] {
-          auto op = [&] {
-            Status s = Issue(*groups[r], c, bufs[r])->Wait(std::chrono::milliseconds(60000));
-            if (!s.ok()) Die(s);
-          };
-          Status s = groups[r]->Barrier()->Wait(std::chrono::milliseconds(60000));
-          if (!s.ok()) Die(s);
-          t[r] = TimeOps(2, iters, op);
-        });
+      const bool has_raw = c != Coll::kReduceScatter;
+      double best[2] = {1e30, 1e30};
+      for (int round = 0; round < rounds; ++round) {
+        for (int v = has_raw ? 0 : 1; v < 2; ++v) {
+          std::vector<double> t(n);
+          std::vector<std::thread> threads;
+          for (int r = 0; r < n; ++r) {
+            threads.emplace_back([&, r] {
+              auto ours = [&] {
+                Status s = Issue(*groups[r], c, bufs[r])->Wait(std::chrono::milliseconds(60000));
+                if (!s.ok()) Die(s);
+              };
+              auto direct = [&] { RawGloo(raw[r], c, bufs[r]); };
+              gloo::BarrierOptions bo(raw[r]);
+              gloo::barrier(bo);
+              t[r] = v == 0 ? TimeOps(2, iters, direct) : TimeOps(2, iters, ours);
+            });
+          }
+          for (auto& th : threads) th.join();
+          best[v] = std::min(best[v], *std::max_element(t.begin(), t.end()));
+        }
       }
-      for (auto& th : threads) th.join();
-      const double tmax = *std::max_element(t.begin(), t.end());
-      const double a = bufs[0].bytes / tmax / 1e9;
-      std::printf("%-15s %10zu %10.2f %9.3f %9.3f\n", CollName(c), bufs[0].bytes, tmax * 1e6, a,
-                  a * BusFactor(c, n));
+      const double f = BusFactor(c, n);
+      const double bytes = static_cast<double>(bufs[0].bytes);
+      const double a_ours = bytes / best[1] / 1e9;
+      if (has_raw) {
+        const double a_raw = bytes / best[0] / 1e9;
+        std::printf("%-15s %10zu %10.2f %9.3f %9.3f %10.2f %9.3f %9.3f %8.2f\n", CollName(c),
+                    bufs[0].bytes, best[0] * 1e6, a_raw, a_raw * f, best[1] * 1e6, a_ours,
+                    a_ours * f, best[1] / best[0]);
+      } else {
+        std::printf("%-15s %10zu %10s %9s %9s %10.2f %9.3f %9.3f %8s\n", CollName(c), bufs[0].bytes,
+                    "-", "-", "-", best[1] * 1e6, a_ours, a_ours * f, "-");
+      }
       std::fflush(stdout);
     }
   }
@@ -254,18 +306,21 @@ int main(int argc, char** argv) {
   using namespace strata::comm;
   size_t min_bytes = 8, max_bytes = 64u << 20;
   int gloo_threads = 0;
+  int rounds = 2;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--min-bytes" && i + 1 < argc) {
       min_bytes = ParseBytes(argv[++i]);
     } else if (a == "--max-bytes" && i + 1 < argc) {
       max_bytes = ParseBytes(argv[++i]);
+    } else if (a == "--rounds" && i + 1 < argc) {
+      rounds = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--gloo-threads" && i + 1 < argc) {
       gloo_threads = std::atoi(argv[++i]);
     } else {
       std::fprintf(stderr,
-                   "usage: mpirun -np N %s [--min-bytes 8] [--max-bytes 64M]\n"
-                   "       %s --gloo-threads N [--min-bytes 8] [--max-bytes 64M]\n",
+                   "usage: mpirun -np N %s [--min-bytes 8] [--max-bytes 64M] [--rounds 2]\n"
+                   "       %s --gloo-threads N [--min-bytes 8] [--max-bytes 64M] [--rounds 2]\n",
                    argv[0], argv[0]);
       return 2;
     }
@@ -274,6 +329,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "collectives_bench: need 0 < min-bytes <= max-bytes\n");
     return 2;
   }
-  if (gloo_threads > 0) return RunGloo(gloo_threads, min_bytes, max_bytes);
-  return RunMpi(argc, argv, min_bytes, max_bytes);
+  if (gloo_threads > 0) return RunGloo(gloo_threads, min_bytes, max_bytes, rounds);
+  return RunMpi(argc, argv, min_bytes, max_bytes, rounds);
 }

@@ -113,6 +113,7 @@ struct Core {
   std::map<int, std::unique_ptr<Lane>> lanes;  // -1: collectives; 2*peer (+1 for recv): p2p
   uint32_t next_tag = 0;
   int next_split = 0;
+  std::vector<uint8_t> scratch;  // reduce-scatter buffers; used by the collective lane only
 
   // Marks op finished (once). Needs mu.
   void FinishLocked(const std::shared_ptr<Op>& op, Status s) {
@@ -219,31 +220,69 @@ void ThrowIfAborted(bool completed, const char* what) {
   if (!completed) throw gloo::IoException(std::string(what) + " aborted");
 }
 
-// Ring reduce-scatter (Gloo 2022 has no unbound-buffer reduce_scatter): n-1 steps; in step k
-// rank r sends its partial sum of block r-1-k to r+1 and adds the partial sum of block r-2-k
-// received from r-1, so after n-1 steps it holds the full reduction of block r.
-// `work` holds n blocks of `count` elements of `wtype` and is reduced in place.
-void RingReduceScatter(Core& c, uint8_t* work, size_t count, ElemType wtype, ReduceOp op,
-                       uint32_t tag) {
+// Ring reduce-scatter (Gloo 2022 has no unbound-buffer reduce_scatter). n-1 steps; in step k
+// rank r sends the partial sum of block r-1-k to r+1 and receives the partial sum of block
+// r-2-k from r-1, adding its own contribution, so after n-1 steps it holds the full reduction
+// of its own block r. Partial sums travel in `wtype` (fp32 for bf16/f16: rounded once, at
+// the end). Two block-sized buffers alternate between receiving and sending; each block moves
+// in segments, all posted at once, so adding one segment overlaps receiving the next (a
+// (pair, slot) delivers in posting order). The result (wtype, not yet averaged) is left in
+// the returned pointer, which lies in c.scratch.
+uint8_t* RingReduceScatter(Core& c, const void* in, ElemType type, size_t count, ReduceOp op,
+                           uint32_t tag) {
+  constexpr size_t kSegmentBytes = 512 * 1024;
   const int n = c.size;
   const int r = c.rank;
-  const size_t block = count * ElemSize(wtype);
-  std::vector<uint8_t> tmp(block);
-  auto work_buf = c.context->createUnboundBuffer(work, block * n);
-  auto tmp_buf = c.context->createUnboundBuffer(tmp.data(), block);
+  const bool half = internal::IsHalf(type);
+  const ElemType wtype = half ? ElemType::kF32 : type;
+  const size_t es = ElemSize(wtype);
+  const size_t block = count * es;
+  const size_t seg = std::max(es, kSegmentBytes / es * es);
+  const size_t segments = (block + seg - 1) / seg;
+  // Reused across ops (only this group's collective lane touches it): no page faults per op.
+  if (c.scratch.size() < 3 * block) c.scratch.resize(3 * block);
+  uint8_t* bufs[2] = {c.scratch.data(), c.scratch.data() + block};
+  uint8_t* own_f32 = c.scratch.data() + 2 * block;  // bf16/f16: one block of ours, in fp32
+  const auto* in_bytes = static_cast<const uint8_t*>(in);
+  // This rank's contribution to block b, in wtype.
+  auto own = [&](int b) -> const uint8_t* {
+    if (!half) return in_bytes + static_cast<size_t>(b) * count * ElemSize(type);
+    internal::HalfToFloat(reinterpret_cast<float*>(own_f32),
+                          in_bytes + static_cast<size_t>(b) * count * ElemSize(type), count, type);
+    return own_f32;
+  };
+  std::unique_ptr<gloo::transport::UnboundBuffer> ub[2] = {
+      c.context->createUnboundBuffer(bufs[0], block),
+      c.context->createUnboundBuffer(bufs[1], block)};
   const uint64_t slot = gloo::Slot::build(kReduceScatterSlotPrefix, tag);
   const int right = (r + 1) % n;
   const int left = (r + n - 1) % n;
-  for (int k = 0; k < n - 1; ++k) {
-    const int send_block = ((r - 1 - k) % n + n) % n;
-    const int recv_block = ((r - 2 - k) % n + n) % n;
-    tmp_buf->recv(left, slot, 0, block);
-    work_buf->send(right, slot, send_block * block, block);
-    ThrowIfAborted(tmp_buf->waitRecv(c.timeout), "reduce_scatter recv");
-    uint8_t* dst = work + recv_block * block;
-    internal::Combine(dst, dst, tmp.data(), count, wtype, op);
-    ThrowIfAborted(work_buf->waitSend(c.timeout), "reduce_scatter send");
+  auto len = [&](size_t s) { return std::min(seg, block - s * seg); };
+  auto mod = [n](int b) { return (b % n + n) % n; };
+  // Step 0 sends our own contribution; for fp32/native types straight from the input.
+  std::unique_ptr<gloo::transport::UnboundBuffer> first;
+  if (half) {
+    std::memcpy(bufs[1], own(mod(r - 1)), block);
+  } else {
+    first = c.context->createUnboundBuffer(
+        const_cast<uint8_t*>(in_bytes) + static_cast<size_t>(mod(r - 1)) * block, block);
   }
+  for (int k = 0; k < n - 1; ++k) {
+    gloo::transport::UnboundBuffer* recv = ub[k % 2].get();
+    gloo::transport::UnboundBuffer* send = k == 0 && !half ? first.get() : ub[(k + 1) % 2].get();
+    uint8_t* acc = bufs[k % 2];
+    for (size_t s = 0; s < segments; ++s) recv->recv(left, slot, s * seg, len(s));
+    for (size_t s = 0; s < segments; ++s) send->send(right, slot, s * seg, len(s));
+    const uint8_t* mine = own(mod(r - 2 - k));
+    for (size_t s = 0; s < segments; ++s) {
+      ThrowIfAborted(recv->waitRecv(c.timeout), "reduce_scatter recv");
+      internal::Combine(acc + s * seg, acc + s * seg, mine + s * seg, len(s) / es, wtype, op);
+    }
+    for (size_t s = 0; s < segments; ++s) {
+      ThrowIfAborted(send->waitSend(c.timeout), "reduce_scatter send");
+    }
+  }
+  return bufs[(n - 2) % 2];
 }
 
 class GlooGroup final : public ProcessGroup {
@@ -303,14 +342,7 @@ class GlooGroup final : public ProcessGroup {
       const bool half = internal::IsHalf(type);
       const ElemType wtype = half ? ElemType::kF32 : type;
       const size_t block = count * ElemSize(wtype);
-      std::vector<uint8_t> work(block * n);
-      if (half) {
-        internal::HalfToFloat(reinterpret_cast<float*>(work.data()), in, count * n, type);
-      } else {
-        std::memcpy(work.data(), in, block * n);
-      }
-      RingReduceScatter(c, work.data(), count, wtype, op, tag);
-      uint8_t* mine = work.data() + c.rank * block;
+      uint8_t* mine = RingReduceScatter(c, in, type, count, op, tag);
       if (op == ReduceOp::kAvg) internal::DivideBy(mine, count, wtype, n);
       if (half) {
         internal::FloatToHalf(out, reinterpret_cast<const float*>(mine), count, type);

@@ -159,14 +159,8 @@ Status CheckModelFits(const Grid& grid, int heads, int d_model, int vocab, int l
                            " does not divide model.d_model = " + std::to_string(d_model) +
                            "; choose tp in {" + Divisors(d_model, grid.world_size()) + "}");
   }
-  if (vocab % tp != 0) {
-    const int padded = (vocab + tp - 1) / tp * tp;
-    return InvalidArgument("parallel.tp = " + std::to_string(tp) +
-                           " does not divide model.vocab_size = " + std::to_string(vocab) +
-                           " (the embedding is split by vocabulary rows); pad vocab_size to " +
-                           std::to_string(padded) + " or choose tp in {" +
-                           Divisors(vocab, grid.world_size()) + "}");
-  }
+  // The vocabulary need not divide: the model pads the embedding rows to a multiple of tp
+  // (padding rows never receive probability mass).
   if (pp > layers) {
     return InvalidArgument(
         "parallel.pp = " + std::to_string(pp) +

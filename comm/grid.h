@@ -57,8 +57,8 @@ class Grid {
 };
 
 // Model-dependent layout checks, kept apart from Grid::Create because the planner calls them
-// per candidate: tp divides heads (and so d_model's heads), tp divides vocab (the embedding
-// and the LM head are split by vocabulary rows), pp <= layers (every stage needs a layer).
+// per candidate: tp divides heads (and so d_model's heads), pp <= layers (every stage needs a
+// layer). The vocabulary need not divide by tp: the model pads it.
 // INVALID_ARGUMENT naming the parallel field, the model field and the fix.
 Status CheckModelFits(const Grid& grid, int heads, int d_model, int vocab, int layers);
 

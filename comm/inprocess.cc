@@ -328,10 +328,7 @@ class InProcessGroup final : public ProcessGroup {
   Result<std::unique_ptr<ProcessGroup>> Split(const std::vector<int>& ranks,
                                               const std::string& new_name) override {
     int index = 0;
-    if (Status st = internal::CheckSplitRanks(name(), new_name, ranks, rank_, size(), &index);
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(internal::CheckSplitRanks(name(), new_name, ranks, rank_, size(), &index));
     const std::string what = name() + ": split into '" + new_name + "'";
     const int color = *std::min_element(ranks.begin(), ranks.end());
     std::string key;

@@ -200,6 +200,19 @@ inline void CheckReduceScatter(int r, ProcessGroup& g, ElemType t, ReduceOp op, 
       t, out.data(), count, [&](size_t i) { return Expected(t, op, n, r * count + i); }, what);
 }
 
+// In place: the output is this rank's block of the input.
+inline void CheckReduceScatterInPlace(int r, ProcessGroup& g, ElemType t, size_t count) {
+  const int n = g.size();
+  const size_t es = ElemSize(t);
+  auto buf = Filled(t, r, count * n);
+  uint8_t* out = buf.data() + r * count * es;
+  Status s = g.ReduceScatter(buf.data(), out, count, t, ReduceOp::kSum)->Wait(kWait);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  ExpectAll(
+      t, out, count, [&](size_t i) { return Expected(t, ReduceOp::kSum, n, r * count + i); },
+      "rank " + std::to_string(r) + " in-place reduce_scatter " + TypeName(t));
+}
+
 inline void CheckAllGather(int r, ProcessGroup& g, ElemType t, size_t count, bool in_place) {
   const int n = g.size();
   const size_t es = ElemSize(t);
@@ -305,6 +318,7 @@ inline void ReduceScatterSuite(Backend& b, int n) {
       }
     }
     CheckReduceScatter(r, g, ElemType::kF32, ReduceOp::kAvg, size_t{1} << 19);  // 2 MB blocks
+    for (ElemType t : {ElemType::kI32, ElemType::kBF16}) CheckReduceScatterInPlace(r, g, t, 1001);
   });
 }
 

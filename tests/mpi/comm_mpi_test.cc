@@ -52,17 +52,9 @@ TEST(Mpi, ReduceScatter) {
     }
   }
   testing::CheckReduceScatter(g.rank(), g, ElemType::kF32, ReduceOp::kAvg, size_t{1} << 19);
-  // In place: the output is this rank's block of the input.
-  const int n = g.size(), r = g.rank();
-  auto buf = testing::Filled(ElemType::kI32, r, 100 * n);
-  auto* p = reinterpret_cast<int32_t*>(buf.data());
-  ASSERT_TRUE(g.ReduceScatter(p, p + r * 100, 100, ElemType::kI32, ReduceOp::kSum)
-                  ->Wait(testing::kWait)
-                  .ok());
-  testing::ExpectAll(
-      ElemType::kI32, p + r * 100, 100,
-      [&](size_t i) { return testing::Expected(ElemType::kI32, ReduceOp::kSum, n, r * 100 + i); },
-      "in-place reduce_scatter");
+  for (ElemType t : {ElemType::kI32, ElemType::kBF16, ElemType::kF64}) {
+    testing::CheckReduceScatterInPlace(g.rank(), g, t, 1001);
+  }
 }
 
 TEST(Mpi, AllGather) {
