@@ -31,7 +31,8 @@ constexpr const char* kUsage =
     "  --dp/--tp/--pp override parallel.dp/tp/pp of the job (0 or absent: chosen by the rule\n"
     "  tp = pp = 1, dp = world size). --threads: CPU threads per rank (default: cores divided\n"
     "  among the ranks on this node). --metrics: rank 0 appends one JSON line per step.\n"
-    "  --no-overlap: reduce gradients after backward instead of during it (benchmarking).\n";
+    "  --no-overlap: reduce gradients after backward instead of during it (benchmarking).\n"
+    "  --memory-report: every rank prints its memory, measured and estimated, as JSON.\n";
 
 struct Args {
   std::string job, metrics, level = "info";
@@ -39,6 +40,7 @@ struct Args {
   long long max_steps = -1;
   bool zero1 = false;
   bool no_overlap = false;
+  bool memory_report = false;
 };
 
 bool ParseInt(const std::string& s, long long* out) {
@@ -60,6 +62,10 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
     }
     if (f == "--no-overlap") {
       a->no_overlap = true;
+      continue;
+    }
+    if (f == "--memory-report") {
+      a->memory_report = true;
       continue;
     }
     if (f == "--help" || f == "-h") return strata::InvalidArgument("");
@@ -181,6 +187,20 @@ int Main(int argc, char** argv) {
   // continues it.
   auto run = (*trainer)->Run(nullptr);
   if (!run.ok()) return Fail(rank, "training", run.status());
+  if (a.memory_report) {
+    const strata::worker::MemoryReport m = (*trainer)->Memory();
+    std::printf(
+        "{\"rank\":%d,\"dp\":%d,\"tp\":%d,\"pp\":%d,\"params\":%lld,\"compute_copy\":%lld,"
+        "\"grads\":%lld,\"optimizer\":%lld,\"activations\":%lld,\"est_params\":%lld,"
+        "\"est_compute_copy\":%lld,\"est_grads\":%lld,\"est_optimizer\":%lld,"
+        "\"est_activations\":%lld}\n",
+        rank, dp, tp, pp, static_cast<long long>(m.params), static_cast<long long>(m.compute_copy),
+        static_cast<long long>(m.grads), static_cast<long long>(m.optimizer),
+        static_cast<long long>(m.activations), static_cast<long long>(m.est_params),
+        static_cast<long long>(m.est_compute_copy), static_cast<long long>(m.est_grads),
+        static_cast<long long>(m.est_optimizer), static_cast<long long>(m.est_activations));
+    std::fflush(stdout);
+  }
   if (rank == 0) {
     const auto& s = *run;
     spdlog::info("{}: {} steps in {:.1f} s | loss {:.4f} -> {:.4f}{} | {:.0f} tok/s",

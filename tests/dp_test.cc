@@ -237,6 +237,13 @@ GridRun RunGrid(const proto::JobSpec& spec, int dp, int tp, const model::Gpt& re
         losses[r].push_back(st->loss);
         norms[r].push_back(st->grad_norm);
       }
+      // The analytic memory model agrees with the buffers actually held.
+      const worker::MemoryReport mem = (*t)->Memory();
+      EXPECT_EQ(mem.est_params, mem.params) << "rank " << r;
+      EXPECT_EQ(mem.est_grads, mem.grads) << "rank " << r;
+      EXPECT_EQ(mem.est_optimizer, mem.optimizer) << "rank " << r;
+      EXPECT_LE(mem.est_activations, mem.activations) << "rank " << r;
+      EXPECT_GE(mem.est_activations, mem.activations / 2) << "rank " << r;
       const model::Gpt& m = (*t)->model();
       for (const auto& p : m.tensors()) {
         for (int64_t i = 0; i < p.numel; ++i) {

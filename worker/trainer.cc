@@ -117,6 +117,43 @@ double Trainer::LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const {
   return sum;
 }
 
+MemoryReport Trainer::Memory() const {
+  MemoryReport r;
+  const int64_t n = model_->num_params();
+  const int64_t lowp = model_->compute_dtype() == model::DType::kF32 ? 0 : 2;
+  r.params = 4 * n;
+  r.compute_copy = lowp * n;
+  r.grads = 4 * n;
+  r.optimizer = 8 * adam_->size() +
+                4 * static_cast<int64_t>(padded_.size() + shard_buf_.size());  // ZeRO-1 buffers
+  r.activations = model_->activation_bytes();
+  // Analytic: per block 12C^2 + 7C parameters are split over tp, 6C replicated (LayerNorms
+  // and the row-parallel biases); the first stage holds wpe and wte, the last ln_f and wte.
+  const model::GptConfig& c = model_->config();
+  const int64_t C = c.channels, tp = tp_;
+  const int64_t vocab_local = (c.vocab_size + tp - 1) / tp;
+  const model::LayerRange lr = model_->layers();
+  const int64_t blocks = lr.end - lr.begin;
+  int64_t est = blocks * ((12 * C * C + 7 * C) / tp + 6 * C);
+  const model::PipelineStage& stage = model_->stage();
+  if (stage.first()) est += vocab_local * C + static_cast<int64_t>(c.max_seq_len) * C;
+  if (stage.last()) est += 2 * C + (stage.first() ? 0 : vocab_local * C);
+  r.est_params = 4 * est;
+  r.est_compute_copy = lowp * est;
+  r.est_grads = 4 * est;
+  r.est_optimizer = 8 * est / (zero1_ ? dp_ : 1) + (zero1_ ? 4 * (est + est / dp_) : 0);
+  // Saved activations per micro-batch in flight: per block, in compute precision ln1, ln2
+  // (C each) and the tp-split qkv, attention output, fc and GELU outputs (12C/tp); in fp32
+  // the block input and mid residual (2C), LayerNorm statistics (4) and lse (heads/tp).
+  const int64_t s = lowp ? lowp : 4, bt = static_cast<int64_t>(micro_) * seq_;
+  const int64_t per_block = s * (2 * C + 12 * C / tp) + 4 * (2 * C + 4 + c.heads / tp);
+  const int64_t saved_blocks = c.recompute ? 0 : blocks;
+  int64_t per_slot = bt * (saved_blocks * per_block + (c.recompute ? blocks * 4 * C : 0));
+  if (stage.last()) per_slot += bt * (s * (C + vocab_local) + 4 * 3);
+  r.est_activations = per_slot * model_->num_slots();
+  return r;
+}
+
 Status Trainer::WaitAll(std::vector<std::unique_ptr<comm::Work>>* works) {
   const auto t0 = std::chrono::steady_clock::now();
   struct Timer {

@@ -79,6 +79,14 @@ struct TrainSummary {
   bool interrupted = false;
 };
 
+// Memory held by one rank, measured from its buffers and estimated analytically from the model
+// shape and layout (bytes). The estimate ignores kernel scratch, so measured >= estimated.
+struct MemoryReport {
+  int64_t params = 0, compute_copy = 0, grads = 0, optimizer = 0, activations = 0;
+  int64_t est_params = 0, est_compute_copy = 0, est_grads = 0, est_optimizer = 0,
+          est_activations = 0;
+};
+
 // Model config from a defaulted, validated spec.
 model::GptConfig GptConfigFromSpec(const proto::JobSpec& spec);
 
@@ -99,6 +107,7 @@ class Trainer {
   Result<TrainSummary> Run(const std::atomic<bool>* stop);
 
   model::Gpt& model() { return *model_; }
+  MemoryReport Memory() const;
   const Dataset& data() const { return data_; }
   int64_t step() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
