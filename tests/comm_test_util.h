@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/elementwise.h"
 #include "comm/process_group.h"
 #include "model/dtype.h"
 
@@ -54,29 +55,9 @@ inline const std::vector<ElemType>& AllTypes() {
   return kTypes;
 }
 
-inline const char* TypeName(ElemType t) {
-  switch (t) {
-    case ElemType::kF32:
-      return "f32";
-    case ElemType::kF64:
-      return "f64";
-    case ElemType::kI32:
-      return "i32";
-    case ElemType::kI64:
-      return "i64";
-    case ElemType::kU8:
-      return "u8";
-    case ElemType::kBF16:
-      return "bf16";
-    case ElemType::kF16:
-      return "f16";
-  }
-  return "?";
-}
+inline const char* TypeName(ElemType t) { return internal::ElemTypeName(t); }
 
-inline const char* OpName(ReduceOp op) {
-  return op == ReduceOp::kSum ? "sum" : op == ReduceOp::kAvg ? "avg" : "max";
-}
+inline const char* OpName(ReduceOp op) { return internal::ReduceOpName(op); }
 
 // The value rank r contributes at index i: small integers, exact in every type (negative
 // except for u8), so sums are exact and only kAvg rounds.
