@@ -34,31 +34,14 @@ using model::ParamTensor;
 constexpr int kB = 2, kT = 8;
 constexpr uint64_t kSeed = 21;
 
-model::GptConfig Config(bool recompute) {
-  model::GptConfig c;
-  c.vocab_size = 40;
-  c.max_seq_len = kT;
-  c.layers = 4;
-  c.heads = 2;
-  c.channels = 16;
-  c.recompute = recompute;
-  return c;
+model::GptConfig Config(bool recompute = false) {
+  return ::strata::testing::SmallPipelineConfig(kT, recompute);
 }
 
-struct Batch {
-  std::vector<int32_t> x, y;
-};
+using Batch = ::strata::testing::TokenBatch;
 
 std::vector<Batch> MakeBatches(int n, int vocab) {
-  std::mt19937 rng(4);
-  std::vector<Batch> out(static_cast<size_t>(n));
-  for (Batch& b : out) {
-    b.x.resize(kB * kT);
-    b.y.resize(kB * kT);
-    for (auto& v : b.x) v = static_cast<int32_t>(rng() % vocab);
-    for (auto& v : b.y) v = static_cast<int32_t>(rng() % vocab);
-  }
-  return out;
+  return ::strata::testing::RandomTokenBatches(n, vocab, kB, kT, 4);
 }
 
 MicroBatchFn Provider(const std::vector<Batch>& batches) {

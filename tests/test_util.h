@@ -9,7 +9,9 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <vector>
 
+#include "model/gpt.h"
 #include "proto/job_spec.h"
 
 // Substring check with both strings in the failure message (plain gtest; gmock is not linked).
@@ -84,6 +86,36 @@ inline proto::JobSpec SpecFromYaml(const std::string& yaml) {
   Status v = spec::Validate(s);
   EXPECT_TRUE(v.ok()) << v.ToString();
   return s;
+}
+
+// The small GPT of the pipeline suites: 4 layers (so pp = 2 and 4 split it), 2 heads, C 16,
+// vocabulary 40, context `seq`.
+inline model::GptConfig SmallPipelineConfig(int seq, bool recompute = false) {
+  model::GptConfig c;
+  c.vocab_size = 40;
+  c.max_seq_len = seq;
+  c.layers = 4;
+  c.heads = 2;
+  c.channels = 16;
+  c.recompute = recompute;
+  return c;
+}
+
+struct TokenBatch {
+  std::vector<int32_t> x, y;
+};
+
+// n random micro-batches of b x t tokens below `vocab`, deterministic in `seed`.
+inline std::vector<TokenBatch> RandomTokenBatches(int n, int vocab, int b, int t, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<TokenBatch> out(static_cast<size_t>(n));
+  for (TokenBatch& tb : out) {
+    tb.x.resize(static_cast<size_t>(b) * t);
+    tb.y.resize(static_cast<size_t>(b) * t);
+    for (auto& v : tb.x) v = static_cast<int32_t>(rng() % vocab);
+    for (auto& v : tb.y) v = static_cast<int32_t>(rng() % vocab);
+  }
+  return out;
 }
 
 }  // namespace strata::testing

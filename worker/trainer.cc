@@ -78,7 +78,9 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
     const int64_t lo = std::min(n, t->dp_rank_ * t->shard_);
     const int64_t count = std::min(n, lo + t->shard_) - lo;
     t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), n, ac, lo, count);
-    t->padded_.assign(static_cast<size_t>(t->shard_) * t->dp_, 0.f);
+    // A staging buffer only when the flat buffer does not split evenly: otherwise the
+    // reduce-scatter reads the gradients and the all-gather writes the parameters in place.
+    if (n % t->dp_ != 0) t->padded_.assign(static_cast<size_t>(t->shard_) * t->dp_, 0.f);
     t->shard_buf_.assign(static_cast<size_t>(t->shard_), 0.f);
   } else {
     t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), n, ac);
@@ -141,7 +143,11 @@ MemoryReport Trainer::Memory() const {
   r.est_params = 4 * est;
   r.est_compute_copy = lowp * est;
   r.est_grads = 4 * est;
-  r.est_optimizer = 8 * est / (zero1_ ? dp_ : 1) + (zero1_ ? 4 * (est + est / dp_) : 0);
+  // ZeRO-1: AdamW moments for this rank's shard, the shard's reduced gradient, and a padded
+  // staging copy of the flat buffer only when it does not split evenly over dp.
+  const int64_t shard = (est + dp_ - 1) / dp_;
+  const int64_t owned = std::min(est, (dp_rank_ + 1) * shard) - std::min(est, dp_rank_ * shard);
+  r.est_optimizer = zero1_ ? 8 * owned + 4 * shard + (est % dp_ ? 4 * shard * dp_ : 0) : 8 * est;
   // Saved activations per micro-batch in flight: per block, in compute precision ln1, ln2
   // (C each) and the tp-split qkv, attention output, fc and GELU outputs (12C/tp); in fp32
   // the block input and mid residual (2C), LayerNorm statistics (4) and lse (heads/tp).
@@ -263,7 +269,7 @@ Result<StepStats> Trainer::Step() {
     pending_.push_back(dp->AllReduce(&st.loss, 1, comm::ElemType::kF32, comm::ReduceOp::kAvg));
     if (zero1_) {
       const float* src = g;
-      if (static_cast<int64_t>(padded_.size()) != n) {
+      if (!padded_.empty()) {
         std::copy(g, g + n, padded_.begin());
         std::fill(padded_.begin() + n, padded_.end(), 0.f);
         src = padded_.data();
@@ -313,10 +319,11 @@ Result<StepStats> Trainer::Step() {
     if (zero1_) {
       std::copy(up, up + un, shard_buf_.begin());
       std::fill(shard_buf_.begin() + un, shard_buf_.end(), 0.f);
-      pending_.push_back(dp->AllGather(shard_buf_.data(), padded_.data(),
-                                       static_cast<size_t>(shard_), comm::ElemType::kF32));
+      float* gathered = padded_.empty() ? params : padded_.data();
+      pending_.push_back(dp->AllGather(shard_buf_.data(), gathered, static_cast<size_t>(shard_),
+                                       comm::ElemType::kF32));
       RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
-      std::copy(padded_.begin(), padded_.begin() + n, params);
+      if (gathered != params) std::copy(padded_.begin(), padded_.begin() + n, params);
     }
     model_->RefreshComputeWeights();
   } else if (!fp16_) {

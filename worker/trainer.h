@@ -137,7 +137,7 @@ class Trainer {
   std::unique_ptr<model::TensorParallelComm> tp_comm_;
   bool zero1_ = false;
   int64_t shard_ = 0;             // ZeRO-1: elements per rank (padded)
-  std::vector<float> padded_;     // ZeRO-1: dp * shard_ gradients / gathered parameters
+  std::vector<float> padded_;     // ZeRO-1, n % dp != 0 only: padded gradients / parameters
   std::vector<float> shard_buf_;  // ZeRO-1: this rank's reduced gradient shard
   std::vector<std::unique_ptr<comm::Work>> pending_;
   double comm_wait_s_ = 0.0;  // this step's time blocked in WaitAll

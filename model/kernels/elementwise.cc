@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "model/dtype.h"
 #include "model/kernels/fast_math.h"
+#include "model/kernels/vocab_parallel.h"
 
 namespace strata::model {
 namespace {
@@ -15,38 +17,18 @@ constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCubic = 0.044715f;
 }  // namespace
 
+// The unsharded embedding is the vocabulary-parallel one over the whole vocabulary.
 template <typename T>
 void EmbeddingForward(float* out, const int32_t* tokens, const T* wte, const T* wpe, int b, int t,
                       int c) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < static_cast<int64_t>(b) * t; ++r) {
-    const int pos = static_cast<int>(r % t);
-    const T* we = wte + static_cast<int64_t>(tokens[r]) * c;
-    const T* pe = wpe + static_cast<int64_t>(pos) * c;
-    float* o = out + r * c;
-    for (int j = 0; j < c; ++j) o[j] = ToFloat(we[j]) + ToFloat(pe[j]);
-  }
+  const int64_t n = static_cast<int64_t>(b) * t;
+  VocabShardEmbeddingForward(out, tokens, wte, 0, std::numeric_limits<int>::max(), n, c);
+  AddPositionEmbedding(out, wpe, b, t, c);
 }
 
 void EmbeddingBackward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int b,
-                       int t, int c, int /*vocab*/) {
-  // Threads own disjoint channel ranges, so repeated tokens never race and the summation order
-  // is fixed.
-#pragma omp parallel
-  {
-    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int j0 = static_cast<int>(static_cast<int64_t>(c) * tid / nt);
-    const int j1 = static_cast<int>(static_cast<int64_t>(c) * (tid + 1) / nt);
-    for (int64_t r = 0; r < static_cast<int64_t>(b) * t; ++r) {
-      const float* g = dout + r * c;
-      float* we = dwte + static_cast<int64_t>(tokens[r]) * c;
-      float* pe = dwpe + (r % t) * c;
-      for (int j = j0; j < j1; ++j) {
-        we[j] += g[j];
-        pe[j] += g[j];
-      }
-    }
-  }
+                       int t, int c, int vocab) {
+  VocabShardEmbeddingBackward(dwte, dwpe, dout, tokens, 0, vocab, b, t, c);
 }
 
 template <typename T>
