@@ -10,6 +10,7 @@ PKGS=(
   libyaml-cpp-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   librocksdb-dev
+  libxxhash-dev
   libboost-dev libboost-program-options-dev
   libopenmpi-dev openmpi-bin
   libgloo-dev
