@@ -31,6 +31,7 @@ enum class StatusCode {
   kCancelled,
   kDataLoss,
   kIoError,
+  kResourceExhausted,  // e.g. the disk is full
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -74,7 +75,13 @@ inline Status Unimplemented(std::string m) { return {StatusCode::kUnimplemented,
 inline Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
 inline Status IoError(std::string m) { return {StatusCode::kIoError, std::move(m)}; }
 inline Status DataLoss(std::string m) { return {StatusCode::kDataLoss, std::move(m)}; }
+inline Status ResourceExhausted(std::string m) {
+  return {StatusCode::kResourceExhausted, std::move(m)};
+}
 inline Status Cancelled(std::string m) { return {StatusCode::kCancelled, std::move(m)}; }
+inline Status DeadlineExceeded(std::string m) {
+  return {StatusCode::kDeadlineExceeded, std::move(m)};
+}
 
 // Holds either a value or a non-OK Status.
 template <typename T>

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/logging.h"
+#include "launch/ckpt_cli.h"
 #include "model/cpu_info.h"
 #include "proto/job_spec.h"
 #include "worker/trainer.h"
@@ -27,8 +28,15 @@ constexpr const char* kUsage =
     "\n"
     "commands:\n"
     "  train JOB.yaml [--max-steps N] [--threads N] [--metrics FILE] [--log-level LEVEL]\n"
+    "                 [--checkpoint-dir DIR] [--checkpoint-every N] [--resume]\n"
     "        train the job in this process (CPU); one log line per step; --metrics appends\n"
-    "        one JSON line per step to FILE\n"
+    "        one JSON line per step to FILE; --resume continues from the latest usable\n"
+    "        committed checkpoint in checkpoint.dir\n"
+    "  ckpt ls CKPT_ROOT              committed checkpoints: step, layout, size, status\n"
+    "  ckpt verify CKPT_ROOT [--step S]\n"
+    "        read every shard of the latest (or step S) checkpoint and check its checksum\n"
+    "  export CKPT_ROOT [--step S] --format safetensors -o FILE\n"
+    "        the model's weights with Hugging Face GPT-2 names and layouts\n"
     "  validate JOB.yaml\n"
     "        check a job spec and print it with every default filled in\n"
     "  help  this text\n";
@@ -69,6 +77,9 @@ int Train(const std::vector<std::string>& args) {
   std::string job;
   strata::worker::TrainOptions opt;
   std::string level = "info";
+  bool resume = false;
+  std::string ckpt_dir;
+  long long ckpt_every = -1;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     auto value = [&](const char* flag) -> const std::string* {
@@ -77,7 +88,7 @@ int Train(const std::vector<std::string>& args) {
       return &args[++i];
     };
     long long v = 0;
-    if (a == "--max-steps" || a == "--threads") {
+    if (a == "--max-steps" || a == "--threads" || a == "--checkpoint-every") {
       const std::string* s = value(a.c_str());
       if (s == nullptr) return Usage(a + " needs a value");
       if (!ParseInt(*s, &v) || v < 0) {
@@ -85,8 +96,16 @@ int Train(const std::vector<std::string>& args) {
       }
       if (a == "--max-steps")
         opt.max_steps = v;
-      else
+      else if (a == "--threads")
         opt.threads = static_cast<int>(v);
+      else
+        ckpt_every = v;
+    } else if (a == "--resume") {
+      resume = true;
+    } else if (a == "--checkpoint-dir") {
+      const std::string* s = value(a.c_str());
+      if (s == nullptr) return Usage("--checkpoint-dir needs a directory");
+      ckpt_dir = *s;
     } else if (a == "--metrics") {
       const std::string* s = value(a.c_str());
       if (s == nullptr) return Usage("--metrics needs a file path");
@@ -111,12 +130,19 @@ int Train(const std::vector<std::string>& args) {
     std::fprintf(stderr, "strata: %s: %s\n", job.c_str(), spec.status().message().c_str());
     return ExitCodeFor(spec.status());
   }
+  if (!ckpt_dir.empty()) spec->mutable_checkpoint()->set_dir(ckpt_dir);
+  if (ckpt_every >= 0) spec->mutable_checkpoint()->set_every(static_cast<int32_t>(ckpt_every));
   auto trainer = strata::worker::Trainer::Create(*spec, opt);
   if (!trainer.ok()) {
     std::fprintf(stderr, "strata: %s: %s\n", job.c_str(), trainer.status().message().c_str());
     return ExitCodeFor(trainer.status());
   }
   strata::worker::Trainer& t = **trainer;
+  auto start = t.StartCheckpoints(resume);
+  if (!start.ok()) {
+    std::fprintf(stderr, "strata: %s: %s\n", job.c_str(), start.status().message().c_str());
+    return start.status().code() == strata::StatusCode::kDataLoss ? 1 : 2;
+  }
   const auto& cfg = t.model().config();
   spdlog::info("job '{}': GPT {} ({:.2f}M parameters), {} precision, {} threads", spec->name(),
                cfg.ToString(), t.model().num_params() / 1e6,
@@ -153,6 +179,8 @@ int main(int argc, char** argv) {
   args.erase(args.begin());
   if (cmd == "train") return Train(args);
   if (cmd == "validate") return Validate(args);
+  if (cmd == "ckpt") return strata::launch::CkptCommand(args);
+  if (cmd == "export") return strata::launch::ExportCommand(args);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
     std::printf("%s", kUsage);
     return 0;

@@ -26,13 +26,16 @@ namespace {
 constexpr const char* kUsage =
     "usage: mpirun -np N strata-worker --job JOB.yaml [--dp N] [--tp N] [--pp N] [--zero1]\n"
     "                                  [--max-steps N] [--micro-batch N] [--threads N]\n"
-    "                                  [--metrics FILE]\n"
+    "                                  [--metrics FILE] [--resume]\n"
+    "                                  [--checkpoint-dir DIR] [--checkpoint-every N]\n"
     "                                  [--no-overlap] [--log-level LEVEL]\n"
     "  --dp/--tp/--pp override parallel.dp/tp/pp of the job (0 or absent: chosen by the rule\n"
     "  tp = pp = 1, dp = world size). --threads: CPU threads per rank (default: cores divided\n"
     "  among the ranks on this node). --metrics: rank 0 appends one JSON line per step.\n"
     "  --no-overlap: reduce gradients after backward instead of during it (benchmarking).\n"
-    "  --memory-report: every rank prints its memory, measured and estimated, as JSON.\n";
+    "  --memory-report: every rank prints its memory, measured and estimated, as JSON.\n"
+    "  --resume: continue from the latest usable committed checkpoint in checkpoint.dir,\n"
+    "  whatever layout wrote it; --checkpoint-dir/--checkpoint-every override the job's.\n";
 
 struct Args {
   std::string job, metrics, level = "info";
@@ -41,6 +44,9 @@ struct Args {
   bool zero1 = false;
   bool no_overlap = false;
   bool memory_report = false;
+  bool resume = false;
+  std::string checkpoint_dir;
+  long long checkpoint_every = -1;
 };
 
 bool ParseInt(const std::string& s, long long* out) {
@@ -68,6 +74,10 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
       a->memory_report = true;
       continue;
     }
+    if (f == "--resume") {
+      a->resume = true;
+      continue;
+    }
     if (f == "--help" || f == "-h") return strata::InvalidArgument("");
     const char* v = value();
     if (v == nullptr) return strata::InvalidArgument(f + " needs a value");
@@ -78,8 +88,10 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
       a->metrics = v;
     } else if (f == "--log-level") {
       a->level = v;
+    } else if (f == "--checkpoint-dir") {
+      a->checkpoint_dir = v;
     } else if (f == "--dp" || f == "--tp" || f == "--pp" || f == "--threads" ||
-               f == "--max-steps" || f == "--micro-batch") {
+               f == "--max-steps" || f == "--micro-batch" || f == "--checkpoint-every") {
       if (!ParseInt(v, &n)) {
         return strata::InvalidArgument(f + ": '" + v + "' is not a non-negative integer");
       }
@@ -89,6 +101,7 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
       if (f == "--threads") a->threads = static_cast<int>(n);
       if (f == "--max-steps") a->max_steps = n;
       if (f == "--micro-batch") a->micro_batch = static_cast<int>(n);
+      if (f == "--checkpoint-every") a->checkpoint_every = n;
     } else {
       return strata::InvalidArgument("unknown flag '" + f + "'");
     }
@@ -174,8 +187,14 @@ int Main(int argc, char** argv) {
   opt.pp_group = groups->pp.get();
   opt.overlap_grad_reduce = !a.no_overlap;
   if (rank == 0) opt.metrics_path = a.metrics;
+  if (!a.checkpoint_dir.empty()) spec->mutable_checkpoint()->set_dir(a.checkpoint_dir);
+  if (a.checkpoint_every >= 0) {
+    spec->mutable_checkpoint()->set_every(static_cast<int32_t>(a.checkpoint_every));
+  }
   auto trainer = strata::worker::Trainer::Create(*spec, opt);
   if (!trainer.ok()) return Fail(rank, a.job, trainer.status());
+  auto start = (*trainer)->StartCheckpoints(a.resume);
+  if (!start.ok()) return Fail(rank, "checkpoint", start.status());
   if (rank == 0) {
     spdlog::info("job '{}': world {} = dp {} x tp {} x pp {}{}, {} threads per rank", spec->name(),
                  world_size, dp, tp, pp, par->zero1() ? " (ZeRO-1)" : "",
@@ -183,8 +202,8 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", grid->Describe().c_str());
   }
   // No SIGINT handler: ranks could notice a flag at different steps and leave their peers in a
-  // collective; Ctrl-C ends the MPI job (mpirun forwards it) and --resume (checkpoint issue)
-  // continues it.
+  // collective; Ctrl-C ends the MPI job (mpirun forwards it) and --resume continues it from
+  // the last committed checkpoint.
   auto run = (*trainer)->Run(nullptr);
   if (!run.ok()) return Fail(rank, "training", run.status());
   if (a.memory_report) {

@@ -64,6 +64,13 @@ class LossScaler {
   // Records the outcome of one step; returns true when the step must be applied.
   bool Update(bool grads_finite);
   int64_t skipped() const { return skipped_; }
+  // The state a checkpoint keeps (the constants come from the configuration).
+  int clean_steps() const { return clean_; }
+  void Restore(float scale, int clean_steps, int64_t skipped) {
+    scale_ = scale;
+    clean_ = clean_steps;
+    skipped_ = skipped;
+  }
 
  private:
   float scale_;

@@ -503,6 +503,7 @@ void ApplyDefaults(proto::JobSpec* spec) {
 
   proto::CheckpointSpec* c = spec->mutable_checkpoint();
   if (!c->has_keep()) c->set_keep(3);
+  if (!c->has_commit_timeout_s()) c->set_commit_timeout_s(600);
 
   proto::EvalSpec* e = spec->mutable_eval();
   if (!e->has_every()) e->set_every(100);
@@ -660,6 +661,14 @@ Status Validate(const proto::JobSpec& spec) {
   if (c.keep() < 1) {
     return Bad(fmt::format("checkpoint.keep: must be at least 1, got {}", c.keep()));
   }
+  if (c.keep_every() < 0) {
+    return Bad(fmt::format("checkpoint.keep_every: must be >= 0 (0 = none), got {}",
+                           c.keep_every()));
+  }
+  if (c.commit_timeout_s() < 1) {
+    return Bad(fmt::format("checkpoint.commit_timeout_s: must be at least 1 second, got {}",
+                           c.commit_timeout_s()));
+  }
 
   const proto::EvalSpec& e = spec.eval();
   if (e.every() < 0) {
@@ -758,6 +767,8 @@ Result<proto::JobSpec> LoadJobFile(const std::string& path) {
   proto::DataSpec* d = spec.mutable_data();
   d->set_train(ResolveAgainst(dir, d->train()));
   d->set_val(ResolveAgainst(dir, d->val()));
+  proto::CheckpointSpec* ck = spec.mutable_checkpoint();
+  if (!ck->dir().empty()) ck->set_dir(ResolveAgainst(dir, ck->dir()));
   if (spec.name().empty()) spec.set_name(std::filesystem::path(path).stem().string());
 
   ApplyDefaults(&spec);

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 #include "common/logging.h"
 #include "model/cpu_info.h"
@@ -98,7 +99,228 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   t->flops_per_token_ =
       6.0 * static_cast<double>(cfg.NumParameters()) + 12.0 * cfg.layers * cfg.channels * t->seq_;
   t->peak_flops_ = model::MeasuredGemmFlops();
+  const proto::CheckpointSpec& ck = spec.checkpoint();
+  t->storage_ = options.checkpoint_storage ? options.checkpoint_storage
+                                           : checkpoint::DefaultStorage();
+  if (!ck.dir().empty()) {
+    SaverOptions so;
+    so.storage = t->storage_;
+    so.root = ck.dir();
+    so.rank = t->world_rank();
+    so.world = t->world_size();
+    so.commit = so.rank == 0 && !options.external_commit;
+    so.async = ck.async();
+    so.retention.keep_last = ck.keep();
+    so.retention.keep_every = ck.keep_every();
+    so.commit_timeout = std::chrono::seconds(ck.commit_timeout_s());
+    t->saver_ = std::make_unique<CheckpointSaver>(std::move(so));
+  }
   return t;
+}
+
+namespace {
+
+proto::ShardLayout LayoutOf(const model::ParamTensor& t, int64_t begin, int64_t end) {
+  proto::ShardLayout l;
+  for (int64_t d : t.global_shape) l.add_global_shape(d);
+  for (int64_t d : t.shape) l.add_local_shape(d);
+  l.set_shard_dim(t.shard_dim);
+  l.set_shard_blocks(t.shard_blocks);
+  l.set_shard_offset(t.shard_offset);
+  l.set_shard_extent(t.shard_extent);
+  l.set_begin(begin);
+  l.set_end(end);
+  return l;
+}
+
+}  // namespace
+
+std::vector<SaveItem> Trainer::CheckpointItems() const {
+  std::vector<SaveItem> items;
+  const float* params = model_->params();
+  // Optimizer state of elements [lo, hi) of the flat buffer lives at m()/v() + (i - lo).
+  const int64_t lo = adam_->offset(), hi = lo + adam_->size();
+  model::AdamW& adam = *adam_;
+  for (const model::ParamTensor& t : model_->tensors()) {
+    if (tp_rank_ != 0 && t.replicated()) continue;          // tp rank 0 saves it
+    if (t.pipeline_tied && !model_->stage().first()) continue;  // the first stage's copy
+    if (dp_rank_ == 0) {
+      items.push_back({"param/" + t.name, LayoutOf(t, 0, t.numel), params + t.offset});
+    }
+    if (!zero1_ && dp_rank_ != 0) continue;
+    const int64_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, hi);
+    if (a >= b) continue;
+    const proto::ShardLayout l = LayoutOf(t, a - t.offset, b - t.offset);
+    items.push_back({"adam_m/" + t.name, l, adam.m() + (a - lo)});
+    items.push_back({"adam_v/" + t.name, l, adam.v() + (a - lo)});
+  }
+  return items;
+}
+
+proto::Manifest Trainer::ManifestBase() const {
+  proto::Manifest m;
+  m.set_step(step_);
+  *m.mutable_job() = spec_;
+  proto::CheckpointLayout* l = m.mutable_layout();
+  l->set_dp(dp_);
+  l->set_tp(tp_);
+  l->set_pp(pp_);
+  l->set_zero1(zero1_);
+  proto::TrainerState* s = m.mutable_trainer();
+  s->set_step(step_);
+  s->set_opt_step(opt_step_);
+  s->set_next_sample(step_ * spec_.train().global_batch());
+  s->set_seed(spec_.train().seed());
+  s->set_global_batch(spec_.train().global_batch());
+  s->set_seq_len(seq_);
+  s->set_loss_scale(scaler_.scale());
+  s->set_loss_scale_clean(scaler_.clean_steps());
+  s->set_skipped_steps(scaler_.skipped());
+  s->set_total_steps(spec_.train().steps());
+  s->set_lr(model::LearningRate(std::max<int64_t>(0, step_ - 1), spec_.train().steps(),
+                                spec_.train().warmup(), static_cast<float>(spec_.train().lr()),
+                                static_cast<float>(spec_.train().min_lr())));
+  return m;
+}
+
+Status Trainer::SaveCheckpoint(double* stall_seconds) {
+  if (!saver_) return FailedPrecondition("checkpoint.dir is not set; nothing to save to");
+  last_saved_step_ = step_;
+  return saver_->Save(ManifestBase(), CheckpointItems(), stall_seconds);
+}
+
+Status Trainer::WaitForCheckpoint() { return saver_ ? saver_->Wait() : Status::Ok(); }
+
+Result<int> Trainer::MaxOverWorld(int v) {
+  int32_t x = v;
+  for (comm::ProcessGroup* g : {options_.tp_group, options_.pp_group, options_.dp_group}) {
+    if (g == nullptr || g->size() == 1) continue;
+    std::unique_ptr<comm::Work> w = g->AllReduce(&x, 1, comm::ElemType::kI32, comm::ReduceOp::kMax);
+    RETURN_IF_ERROR(w->Wait(options_.comm_timeout));
+  }
+  return static_cast<int>(x);
+}
+
+Status Trainer::LoadCheckpoint(checkpoint::CheckpointReader& reader) {
+  const proto::Manifest& m = reader.manifest();
+  float* params = model_->params();
+  const int64_t lo = adam_->offset(), hi = lo + adam_->size();
+  for (const model::ParamTensor& t : model_->tensors()) {
+    RETURN_IF_ERROR(reader.Read("param/" + t.name, LayoutOf(t, 0, t.numel), params + t.offset));
+    const int64_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, hi);
+    if (a >= b) continue;
+    const proto::ShardLayout l = LayoutOf(t, a - t.offset, b - t.offset);
+    RETURN_IF_ERROR(reader.Read("adam_m/" + t.name, l, adam_->m() + (a - lo)));
+    RETURN_IF_ERROR(reader.Read("adam_v/" + t.name, l, adam_->v() + (a - lo)));
+  }
+  model_->RefreshComputeWeights();
+  const proto::TrainerState& s = m.trainer();
+  step_ = s.step();
+  opt_step_ = s.opt_step();
+  scaler_.Restore(s.loss_scale(), s.loss_scale_clean(), s.skipped_steps());
+  return Status::Ok();
+}
+
+namespace {
+
+// The fields a sample-exact continuation needs unchanged, compared with the checkpoint's.
+Status CheckCompatible(const proto::JobSpec& now, const proto::Manifest& m) {
+  const proto::JobSpec& was = m.job();
+  auto same = [&](const char* field, int64_t a, int64_t b) -> Status {
+    if (a == b) return Status::Ok();
+    return InvalidArgument(fmt::format(
+        "{}: the checkpoint at step {} was written with {} = {}, this job has {}; resume with the "
+        "same value (or start a new run in another checkpoint.dir)",
+        field, m.step(), field, b, a));
+  };
+  RETURN_IF_ERROR(same("model.layers", now.model().layers(), was.model().layers()));
+  RETURN_IF_ERROR(same("model.heads", now.model().heads(), was.model().heads()));
+  RETURN_IF_ERROR(same("model.d_model", now.model().d_model(), was.model().d_model()));
+  RETURN_IF_ERROR(same("model.vocab_size", now.model().vocab_size(), was.model().vocab_size()));
+  RETURN_IF_ERROR(same("model.max_seq_len", now.model().max_seq_len(), was.model().max_seq_len()));
+  RETURN_IF_ERROR(same("model.seq_len", now.model().seq_len(), m.trainer().seq_len()));
+  RETURN_IF_ERROR(
+      same("train.global_batch", now.train().global_batch(), m.trainer().global_batch()));
+  RETURN_IF_ERROR(same("train.seed", static_cast<int64_t>(now.train().seed()),
+                       static_cast<int64_t>(m.trainer().seed())));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<int64_t> Trainer::StartCheckpoints(bool resume) {
+  const std::string& root = spec_.checkpoint().dir();
+  if (root.empty()) {
+    if (resume) return FailedPrecondition("--resume: the job has no checkpoint.dir");
+    return int64_t{0};
+  }
+  if (resume) {
+    ASSIGN_OR_RETURN(const int64_t step, Resume());
+    return std::max<int64_t>(step, 0);
+  }
+  ASSIGN_OR_RETURN(std::vector<int64_t> steps, checkpoint::CommittedSteps(*storage_, root));
+  if (!steps.empty()) {
+    return InvalidArgument(fmt::format(
+        "checkpoint.dir: {} already holds committed checkpoints (latest step {}); pass --resume "
+        "to continue from it, or choose another checkpoint.dir",
+        root, steps.back()));
+  }
+  return int64_t{0};
+}
+
+Result<int64_t> Trainer::Resume() {
+  const std::string& root = spec_.checkpoint().dir();
+  if (root.empty()) {
+    return FailedPrecondition("resume: checkpoint.dir is not set; say where checkpoints live");
+  }
+  ASSIGN_OR_RETURN(std::vector<int64_t> steps, checkpoint::CommittedSteps(*storage_, root));
+  const bool leader = world_rank() == 0;
+  if (steps.empty()) {
+    if (leader) spdlog::info("resume: no committed checkpoint under {}; starting at step 0", root);
+    return int64_t{-1};
+  }
+  std::string skipped;
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    const int64_t step = *it;
+    Status st = [&]() -> Status {
+      ASSIGN_OR_RETURN(proto::Manifest m, checkpoint::ReadManifest(*storage_, root, step));
+      RETURN_IF_ERROR(CheckCompatible(spec_, m));
+      ASSIGN_OR_RETURN(std::unique_ptr<checkpoint::CheckpointReader> reader,
+                       checkpoint::CheckpointReader::Open(storage_, root, std::move(m)));
+      return LoadCheckpoint(*reader);
+    }();
+    // Incompatibility is the user's to fix, not a reason to fall back to an older step.
+    const int code = st.ok() ? 0 : (st.code() == StatusCode::kInvalidArgument ? 2 : 1);
+    ASSIGN_OR_RETURN(const int worst, MaxOverWorld(code));
+    if (!st.ok()) {
+      spdlog::error("resume: checkpoint step {} is unusable on rank {}: {}", step, world_rank(),
+                    st.ToString());
+    }
+    if (worst == 2) {
+      if (!st.ok() && st.code() == StatusCode::kInvalidArgument) return st;
+      return InvalidArgument(fmt::format(
+          "resume: checkpoint step {} does not fit this job (see rank 0's message)", step));
+    }
+    if (worst == 0) {
+      if (leader) {
+        spdlog::info("resume: loaded checkpoint step {} from {}{}", step, root, skipped);
+        // Nothing is in flight yet: every uncommitted leftover is garbage, and checkpoints
+        // after `step` (unusable ones) belong to an abandoned history.
+        checkpoint::RetentionPolicy keep;
+        keep.keep_last = spec_.checkpoint().keep();
+        keep.keep_every = spec_.checkpoint().keep_every();
+        Result<int> gc = checkpoint::CollectGarbage(*storage_, root, keep,
+                                                    std::numeric_limits<int64_t>::max(), step);
+        if (!gc.ok()) spdlog::warn("checkpoint retention: {}", gc.status().ToString());
+      }
+      return step;
+    }
+    if (leader) spdlog::warn("resume: checkpoint step {} is unusable; falling back to the previous committed checkpoint", step);
+    skipped += fmt::format(" (skipped unusable step {})", step);
+  }
+  return DataLoss(fmt::format(
+      "resume: none of the {} committed checkpoints under {} is usable (see the errors above)",
+      steps.size(), root));
 }
 
 int64_t Trainer::FirstSample(int64_t step, int micro) const {
@@ -391,13 +613,23 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
       sum.interrupted = true;
       break;
     }
-    ASSIGN_OR_RETURN(const StepStats st, Step());
+    ASSIGN_OR_RETURN(StepStats st, Step());
+    if (saver_) {
+      Status saved = saver_->Poll();
+      const int every = spec_.checkpoint().every();
+      if (saved.ok() && ((every > 0 && step_ % every == 0) || step_ == total_steps_)) {
+        saved = SaveCheckpoint(&st.checkpoint_stall_seconds);
+      }
+      if (!saved.ok() && spec_.checkpoint().stop_on_error()) return saved;
+    }
     if (metrics != nullptr) {
       std::fprintf(metrics,
                    "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,"
-                   "\"tokens_per_s\":%.1f,\"step_s\":%.6f,\"comm_wait_s\":%.6f,\"applied\":%s}\n",
+                   "\"tokens_per_s\":%.1f,\"step_s\":%.6f,\"comm_wait_s\":%.6f,\"ckpt_stall_s\":%.6f,"
+                   "\"applied\":%s}\n",
                    static_cast<long long>(st.step + 1), st.loss, st.lr, st.grad_norm,
                    st.tokens_per_second, st.seconds, st.comm_wait_seconds,
+                   st.checkpoint_stall_seconds,
                    st.applied ? "true" : "false");
       std::fflush(metrics);
     }
@@ -425,6 +657,17 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
       }
       spdlog::info("step {:>5}/{} | val loss {:.4f}", step_, total_steps_, sum.last_val_loss);
     }
+  }
+  if (saver_) {
+    Status saved = Status::Ok();
+    // Interrupted between saves: keep what was trained (one process only — under mpirun a
+    // stop flag would not be seen by every rank at the same step).
+    if (sum.interrupted && world_size() == 1 && last_saved_step_ != step_) {
+      saved = SaveCheckpoint();
+    }
+    Status waited = saver_->Wait();
+    if (saved.ok()) saved = waited;
+    if (!saved.ok() && spec_.checkpoint().stop_on_error()) return saved;
   }
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   sum.tokens_per_second = timed_seconds > 0 ? timed_tokens / timed_seconds : 0.0;

@@ -10,12 +10,14 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/store.h"
 #include "comm/process_group.h"
 #include "common/status.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
 #include "model/tensor_parallel.h"
 #include "proto/job.pb.h"
+#include "worker/checkpointing.h"
 #include "worker/data.h"
 #include "worker/pipeline.h"
 
@@ -51,6 +53,14 @@ struct TrainOptions {
   // measuring what the overlap hides).
   bool overlap_grad_reduce = true;
   std::chrono::milliseconds comm_timeout{30000};
+
+  // Checkpoints (spec.checkpoint; none when its dir is empty). Resume() loads the latest
+  // usable committed checkpoint. The world rank is derived from the groups' ranks (TP
+  // innermost, then PP, then DP); world rank 0 commits unless `external_commit` (daemon mode:
+  // the coordinator commits).
+  bool external_commit = false;
+  // The file system checkpoints go through (tests pass a fault-injecting one).
+  std::shared_ptr<checkpoint::Storage> checkpoint_storage;
 };
 
 struct StepStats {
@@ -66,6 +76,9 @@ struct StepStats {
   // Time this rank spent blocked waiting for collectives after its own compute (exposed
   // communication: the part not hidden behind backward).
   double comm_wait_seconds = 0.0;
+  // Time this rank was blocked by a checkpoint save after this step (async: the snapshot copy
+  // and any wait for the previous save; sync: the whole save).
+  double checkpoint_stall_seconds = 0.0;
 };
 
 struct TrainSummary {
@@ -104,7 +117,28 @@ class Trainer {
   Result<float> EvalLoss();
   // Steps until train.steps (or options.max_steps) or until *stop becomes true. Fails with the
   // step's status when a collective fails.
+  // Saves a checkpoint at the end of the last step (also when *stop ended training early),
+  // and every checkpoint.every steps.
   Result<TrainSummary> Run(const std::atomic<bool>* stop);
+
+  // Loads the newest committed checkpoint under checkpoint.dir that every rank can read and
+  // verify, whatever layout wrote it (all ranks of the job must call it). A checkpoint that is
+  // unusable on any rank (missing or corrupt shard) is skipped with a message naming the
+  // problem, and the previous committed one is tried. Returns the step resumed from, or -1 when
+  // the root holds no committed checkpoint (training starts from step 0). INVALID_ARGUMENT when
+  // the checkpoint was written for another model shape, global batch or sequence length (naming
+  // the field); DATA_LOSS when committed checkpoints exist but none is usable.
+  Result<int64_t> Resume();
+  // What launchers call before Run: with `resume`, Resume(); without, checks that
+  // checkpoint.dir holds no committed checkpoint (INVALID_ARGUMENT naming the latest step and
+  // the fix: --resume or another dir) so that a new run never overwrites an old one. Returns the
+  // step training starts from. OK (0) without checkpoint.dir.
+  Result<int64_t> StartCheckpoints(bool resume);
+  // Saves a checkpoint of the current step now (async per checkpoint.async). FAILED_PRECONDITION
+  // without checkpoint.dir. Returns a failed save's status (also logged).
+  Status SaveCheckpoint(double* stall_seconds = nullptr);
+  // Waits for the save in flight (and its commit on the committing rank).
+  Status WaitForCheckpoint();
 
   model::Gpt& model() { return *model_; }
   MemoryReport Memory() const;
@@ -113,6 +147,13 @@ class Trainer {
   int64_t total_steps() const { return total_steps_; }
   // Global sample index of the first sample of micro-batch `micro` of step `step`.
   int64_t FirstSample(int64_t step, int micro) const;
+  int world_rank() const { return (dp_rank_ * pp_ + pp_rank_) * tp_ + tp_rank_; }
+  int world_size() const { return dp_ * tp_ * pp_; }
+  // What this rank saves: every global element of parameters and AdamW moments is saved by
+  // exactly one rank (data-parallel rank 0, tensor-parallel rank 0 for replicated tensors, the
+  // first stage for the tied embedding; with ZeRO-1 each data-parallel rank saves the moments
+  // it owns).
+  std::vector<SaveItem> CheckpointItems() const;
 
  private:
   Trainer(const proto::JobSpec& spec, const TrainOptions& options, Dataset data);
@@ -127,6 +168,14 @@ class Trainer {
   // Reduces gradients over the data-parallel group and applies the update (dp > 1).
   Status ReduceAndUpdate(StepStats* st);
   Status WaitAll(std::vector<std::unique_ptr<comm::Work>>* works);
+  proto::Manifest ManifestBase() const;
+  // Loads a checkpoint into this rank's parameters, moments and counters.
+  Status LoadCheckpoint(checkpoint::CheckpointReader& reader);
+  // Max of `v` over every rank of the job (through the tp, pp and dp groups).
+  Result<int> MaxOverWorld(int v);
+  std::unique_ptr<CheckpointSaver> saver_;
+  int64_t last_saved_step_ = -1;
+  std::shared_ptr<checkpoint::Storage> storage_;
   // Sum of squares of the gradients in `g` (elements [lo, lo + n) of the local flat buffer),
   // counting replicated tensors on tensor-parallel rank 0 only.
   double LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const;
