@@ -1,9 +1,9 @@
 #include "checkpoint/reshard.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 namespace strata::checkpoint {
 namespace {
@@ -34,19 +34,21 @@ Status ValidateLayout(const proto::ShardLayout& l, const std::string& what) {
   if (d == -1) {
     for (int i = 0; i < rank; ++i) {
       if (l.global_shape(i) != l.local_shape(i)) {
-        return InvalidArgument(fmt::format("{}: unsharded but local and global shapes differ", what));
+        return InvalidArgument(
+            fmt::format("{}: unsharded but local and global shapes differ", what));
       }
     }
   } else {
     const int64_t blocks = l.shard_blocks();
     if (blocks < 1 || l.global_shape(d) % blocks != 0 || l.local_shape(d) % blocks != 0) {
-      return InvalidArgument(fmt::format("{}: {} blocks do not divide dimension {}", what, blocks, d));
+      return InvalidArgument(
+          fmt::format("{}: {} blocks do not divide dimension {}", what, blocks, d));
     }
     const int64_t gblock = l.global_shape(d) / blocks, lblock = l.local_shape(d) / blocks;
     if (l.shard_offset() < 0 || l.shard_extent() < 0 || l.shard_extent() > lblock ||
         l.shard_offset() + l.shard_extent() > gblock) {
-      return InvalidArgument(fmt::format("{}: shard [{}, +{}) does not fit a block of {} / {}", what,
-                                         l.shard_offset(), l.shard_extent(), gblock, lblock));
+      return InvalidArgument(fmt::format("{}: shard [{}, +{}) does not fit a block of {} / {}",
+                                         what, l.shard_offset(), l.shard_extent(), gblock, lblock));
     }
     for (int i = 0; i < rank; ++i) {
       if (i != d && l.global_shape(i) != l.local_shape(i)) {
@@ -56,9 +58,8 @@ Status ValidateLayout(const proto::ShardLayout& l, const std::string& what) {
   }
   const int64_t n = Product(l.local_shape());
   if (l.begin() < 0 || l.end() < l.begin() || l.end() > n) {
-    return InvalidArgument(
-        fmt::format("{}: element range [{}, {}) outside the local tensor of {}", what, l.begin(),
-                    l.end(), n));
+    return InvalidArgument(fmt::format("{}: element range [{}, {}) outside the local tensor of {}",
+                                       what, l.begin(), l.end(), n));
   }
   return Status::Ok();
 }

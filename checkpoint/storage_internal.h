@@ -3,13 +3,13 @@
 // which every checkpoint file and every RocksDB instance is accessed.
 #pragma once
 
-#include <memory>
-#include <string>
-#include <string_view>
-
 #include <rocksdb/env.h>
 #include <rocksdb/file_system.h>
 #include <rocksdb/status.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
 
 #include "checkpoint/fault_fs.h"
 #include "checkpoint/store.h"

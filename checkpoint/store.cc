@@ -83,7 +83,7 @@ struct ShardWriter::Impl {
   int64_t chunk_bytes = 0;
   std::vector<std::string> files;  // SST files in staging, in key order
   proto::ShardIndex index;
-  std::vector<const char*> data;   // per shard of `index`, valid until Finish
+  std::vector<const char*> data;  // per shard of `index`, valid until Finish
   std::set<std::string> tensors;
   bool finished = false;
 };
@@ -92,8 +92,8 @@ Result<std::unique_ptr<ShardWriter>> ShardWriter::Create(std::shared_ptr<Storage
                                                          const std::string& root, int64_t step,
                                                          int rank, int64_t chunk_bytes) {
   if (chunk_bytes < 4 || chunk_bytes % 4 != 0) {
-    return InvalidArgument(fmt::format("chunk_bytes must be a positive multiple of 4, got {}",
-                                       chunk_bytes));
+    return InvalidArgument(
+        fmt::format("chunk_bytes must be a positive multiple of 4, got {}", chunk_bytes));
   }
   std::unique_ptr<ShardWriter> w(new ShardWriter());
   w->impl_ = std::make_unique<Impl>();
@@ -187,9 +187,8 @@ Status ShardWriter::WriteSstFiles() {
   constexpr int64_t kMaxFileBytes = int64_t{1} << 30;
   std::vector<int> order(static_cast<size_t>(m.index.shards_size()));
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
-  std::sort(order.begin(), order.end(), [&](int a, int b) {
-    return m.index.shards(a).tensor() < m.index.shards(b).tensor();
-  });
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return m.index.shards(a).tensor() < m.index.shards(b).tensor(); });
   const rocksdb::Options options = BaseOptions(*m.storage);
   std::unique_ptr<rocksdb::SstFileWriter> writer;
   std::string file;
@@ -224,7 +223,8 @@ Status ShardWriter::WriteSstFiles() {
 
 void ReportSaveFailed(Storage& storage, const std::string& root, int64_t step, int rank,
                       const Status& why) {
-  Status s = WriteFileDurably(storage.fs(), MarkerPath(root, step, rank, ".failed"), why.ToString());
+  Status s =
+      WriteFileDurably(storage.fs(), MarkerPath(root, step, rank, ".failed"), why.ToString());
   if (!s.ok()) spdlog::warn("could not record the failed save of rank {}: {}", rank, s.ToString());
 }
 
@@ -322,7 +322,7 @@ Status CommitWhenDurable(std::shared_ptr<Storage> storage, const std::string& ro
   rocksdb::WriteOptions wo;
   wo.sync = true;
   RETURN_IF_ERROR(FromIo(db->Write(wo, &batch),
-                            fmt::format("commit of step {} in {}/{}", step, root, kManifestDir)));
+                         fmt::format("commit of step {} in {}/{}", step, root, kManifestDir)));
   return FromIo(db->Close(), "close manifest");
 }
 
@@ -351,8 +351,8 @@ Result<proto::Manifest> ReadManifest(Storage& storage, const std::string& root, 
   RETURN_IF_ERROR(FromIo(s, fmt::format("manifest of step {} in {}", step, root)));
   proto::Manifest m;
   if (!m.ParseFromString(value) || m.step() != step) {
-    return DataLoss(fmt::format("manifest of step {} in {}/{} does not parse", step, root,
-                                kManifestDir));
+    return DataLoss(
+        fmt::format("manifest of step {} in {}/{} does not parse", step, root, kManifestDir));
   }
   return m;
 }
@@ -390,7 +390,8 @@ Result<int> CollectGarbage(Storage& storage, const std::string& root, const Rete
   for (int64_t s : committed) {
     if (!keep.count(s)) uncommit.push_back(s);
   }
-  if (!uncommit.empty()) {  // the manifest first: a crash after this leaves garbage, not a torn commit
+  if (!uncommit
+           .empty()) {  // the manifest first: a crash after this leaves garbage, not a torn commit
     ASSIGN_OR_RETURN(std::unique_ptr<rocksdb::DB> db, OpenManifestForWrite(storage, root));
     rocksdb::WriteBatch batch;
     for (int64_t s : uncommit) RETURN_IF_ERROR(FromIo(batch.Delete(CommitKey(s)), "manifest"));
@@ -472,8 +473,8 @@ struct CheckpointReader::Impl {
         if (s.IsNotFound()) return DataLoss(fmt::format("{}: chunk {} is missing", what, chunk));
         if (!s.ok()) return DataLoss(fmt::format("{}: chunk {}: {}", what, chunk, s.ToString()));
         if (static_cast<int64_t>(value.size()) != n) {
-          return DataLoss(fmt::format("{}: chunk {} has {} bytes, expected {}", what, chunk,
-                                      value.size(), n));
+          return DataLoss(
+              fmt::format("{}: chunk {} has {} bytes, expected {}", what, chunk, value.size(), n));
         }
         std::memcpy(dst + off, value.data(), static_cast<size_t>(n));
       }
@@ -498,8 +499,9 @@ Result<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(std::shared_ptr
   m.manifest = std::move(manifest);
   for (int i = 0; i < m.manifest.shards_size(); ++i) {
     const proto::ShardRecord& rec = m.manifest.shards(i);
-    RETURN_IF_ERROR(ValidateLayout(rec.layout(), fmt::format("checkpoint step {}: tensor {} shard {}",
-                                                             m.manifest.step(), rec.tensor(), i)));
+    RETURN_IF_ERROR(ValidateLayout(
+        rec.layout(),
+        fmt::format("checkpoint step {}: tensor {} shard {}", m.manifest.step(), rec.tensor(), i)));
     m.by_tensor[rec.tensor()].push_back(i);
   }
   return r;
@@ -537,7 +539,8 @@ Status CheckpointReader::Read(const std::string& tensor, const proto::ShardLayou
   std::vector<float> buf;
   for (int idx : it->second) {
     const proto::ShardRecord& rec = m.manifest.shards(idx);
-    if (std::vector<int64_t>(rec.layout().global_shape().begin(), rec.layout().global_shape().end()) !=
+    if (std::vector<int64_t>(rec.layout().global_shape().begin(),
+                             rec.layout().global_shape().end()) !=
         std::vector<int64_t>(layout.global_shape().begin(), layout.global_shape().end())) {
       return NotFound(fmt::format(
           "checkpoint step {}: tensor {} has a different global shape than this model's; was "
@@ -551,9 +554,9 @@ Status CheckpointReader::Read(const std::string& tensor, const proto::ShardLayou
     got += CopyOverlap(want, layout.begin(), dst, have, rec.layout().begin(), buf.data());
   }
   if (got != need) {
-    return NotFound(fmt::format(
-        "checkpoint step {}: tensor {}: the shards cover {} of the {} elements needed", 
-        m.manifest.step(), tensor, got, need));
+    return NotFound(
+        fmt::format("checkpoint step {}: tensor {}: the shards cover {} of the {} elements needed",
+                    m.manifest.step(), tensor, got, need));
   }
   return Status::Ok();
 }
@@ -562,7 +565,8 @@ Result<std::vector<float>> CheckpointReader::ReadGlobal(const std::string& tenso
                                                         std::vector<int64_t>* shape) {
   auto it = impl_->by_tensor.find(tensor);
   if (it == impl_->by_tensor.end()) {
-    return NotFound(fmt::format("checkpoint step {} has no tensor {}", impl_->manifest.step(), tensor));
+    return NotFound(
+        fmt::format("checkpoint step {} has no tensor {}", impl_->manifest.step(), tensor));
   }
   const proto::ShardRecord& rec = impl_->manifest.shards(it->second.front());
   proto::ShardLayout whole;
@@ -578,7 +582,8 @@ Result<std::vector<float>> CheckpointReader::ReadGlobal(const std::string& tenso
   whole.set_end(n);
   std::vector<float> out(static_cast<size_t>(n));
   RETURN_IF_ERROR(Read(tensor, whole, out.data()));
-  if (shape != nullptr) shape->assign(rec.layout().global_shape().begin(), rec.layout().global_shape().end());
+  if (shape != nullptr)
+    shape->assign(rec.layout().global_shape().begin(), rec.layout().global_shape().end());
   return out;
 }
 
@@ -598,9 +603,10 @@ Status CheckpointReader::VerifyAll() {
     for (int i : idxs) have += CountReal(impl_->manifest.shards(i).layout());
     if (have != n) {
       if (!problems.empty()) problems.push_back('\n');
-      problems += fmt::format("checkpoint step {}: tensor {}: shards hold {} elements, the tensor "
-                              "has {}",
-                              impl_->manifest.step(), tensor, have, n);
+      problems += fmt::format(
+          "checkpoint step {}: tensor {}: shards hold {} elements, the tensor "
+          "has {}",
+          impl_->manifest.step(), tensor, have, n);
     }
   }
   if (!problems.empty()) return DataLoss(problems);

@@ -96,7 +96,7 @@ Result<std::vector<int64_t>> CommittedSteps(Storage& storage, const std::string&
 Result<proto::Manifest> ReadManifest(Storage& storage, const std::string& root, int64_t step);
 
 struct RetentionPolicy {
-  int keep_last = 3;      // newest committed checkpoints kept (>= 1)
+  int keep_last = 3;       // newest committed checkpoints kept (>= 1)
   int64_t keep_every = 0;  // also keep committed steps that are multiples of this (0: none)
 };
 // Deletes committed checkpoints that the policy does not keep, every uncommitted step directory

@@ -114,8 +114,9 @@ int Verify(const std::vector<std::string>& args) {
                  static_cast<long long>(*step), root.c_str(), s.message().c_str());
     return 1;
   }
-  std::printf("checkpoint step %lld under %s: %d shards, %.1f MB, every checksum matches (%.2f s)\n",
-              static_cast<long long>(*step), root.c_str(), shards, mb, secs);
+  std::printf(
+      "checkpoint step %lld under %s: %d shards, %.1f MB, every checksum matches (%.2f s)\n",
+      static_cast<long long>(*step), root.c_str(), shards, mb, secs);
   return 0;
 }
 

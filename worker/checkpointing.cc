@@ -46,9 +46,9 @@ void CheckpointSaver::Run(proto::Manifest manifest, std::vector<SaveItem> items)
   const auto t0 = std::chrono::steady_clock::now();
   int64_t bytes = 0;
   Status s = [&]() -> Status {
-    ASSIGN_OR_RETURN(std::unique_ptr<checkpoint::ShardWriter> w,
-                     checkpoint::ShardWriter::Create(options_.storage, options_.root, step,
-                                                     options_.rank));
+    ASSIGN_OR_RETURN(
+        std::unique_ptr<checkpoint::ShardWriter> w,
+        checkpoint::ShardWriter::Create(options_.storage, options_.root, step, options_.rank));
     for (const SaveItem& it : items) {
       RETURN_IF_ERROR(w->Add({it.tensor, it.layout, it.data}));
     }
@@ -72,8 +72,8 @@ void CheckpointSaver::Run(proto::Manifest manifest, std::vector<SaveItem> items)
       }
       spdlog::info("checkpoint step {} committed ({:.1f} MB from rank {} written in {:.2f} s)",
                    step, bytes / 1e6, options_.rank, write_s);
-      Result<int> gc = checkpoint::CollectGarbage(*options_.storage, options_.root,
-                                                  options_.retention, step);
+      Result<int> gc =
+          checkpoint::CollectGarbage(*options_.storage, options_.root, options_.retention, step);
       if (!gc.ok()) spdlog::warn("checkpoint retention: {}", gc.status().ToString());
     }
   }

@@ -72,10 +72,10 @@ class CheckpointSaver {
   std::vector<float> staging_;
   std::thread thread_;
   mutable std::mutex mu_;
-  bool done_ = true;        // GUARDED_BY(mu_)
+  bool done_ = true;         // GUARDED_BY(mu_)
   bool unreported_ = false;  // GUARDED_BY(mu_)
-  Status result_;           // GUARDED_BY(mu_)
-  int64_t committed_ = -1;  // GUARDED_BY(mu_)
+  Status result_;            // GUARDED_BY(mu_)
+  int64_t committed_ = -1;   // GUARDED_BY(mu_)
 };
 
 }  // namespace strata::worker

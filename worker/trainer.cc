@@ -100,8 +100,8 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
       6.0 * static_cast<double>(cfg.NumParameters()) + 12.0 * cfg.layers * cfg.channels * t->seq_;
   t->peak_flops_ = model::MeasuredGemmFlops();
   const proto::CheckpointSpec& ck = spec.checkpoint();
-  t->storage_ = options.checkpoint_storage ? options.checkpoint_storage
-                                           : checkpoint::DefaultStorage();
+  t->storage_ =
+      options.checkpoint_storage ? options.checkpoint_storage : checkpoint::DefaultStorage();
   if (!ck.dir().empty()) {
     SaverOptions so;
     so.storage = t->storage_;
@@ -142,7 +142,7 @@ std::vector<SaveItem> Trainer::CheckpointItems() const {
   const int64_t lo = adam_->offset(), hi = lo + adam_->size();
   model::AdamW& adam = *adam_;
   for (const model::ParamTensor& t : model_->tensors()) {
-    if (tp_rank_ != 0 && t.replicated()) continue;          // tp rank 0 saves it
+    if (tp_rank_ != 0 && t.replicated()) continue;              // tp rank 0 saves it
     if (t.pipeline_tied && !model_->stage().first()) continue;  // the first stage's copy
     if (dp_rank_ == 0) {
       items.push_back({"param/" + t.name, LayoutOf(t, 0, t.numel), params + t.offset});
@@ -315,7 +315,11 @@ Result<int64_t> Trainer::Resume() {
       }
       return step;
     }
-    if (leader) spdlog::warn("resume: checkpoint step {} is unusable; falling back to the previous committed checkpoint", step);
+    if (leader)
+      spdlog::warn(
+          "resume: checkpoint step {} is unusable; falling back to the previous committed "
+          "checkpoint",
+          step);
     skipped += fmt::format(" (skipped unusable step {})", step);
   }
   return DataLoss(fmt::format(
@@ -623,14 +627,14 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
       if (!saved.ok() && spec_.checkpoint().stop_on_error()) return saved;
     }
     if (metrics != nullptr) {
-      std::fprintf(metrics,
-                   "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,"
-                   "\"tokens_per_s\":%.1f,\"step_s\":%.6f,\"comm_wait_s\":%.6f,\"ckpt_stall_s\":%.6f,"
-                   "\"applied\":%s}\n",
-                   static_cast<long long>(st.step + 1), st.loss, st.lr, st.grad_norm,
-                   st.tokens_per_second, st.seconds, st.comm_wait_seconds,
-                   st.checkpoint_stall_seconds,
-                   st.applied ? "true" : "false");
+      std::fprintf(
+          metrics,
+          "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,"
+          "\"tokens_per_s\":%.1f,\"step_s\":%.6f,\"comm_wait_s\":%.6f,\"ckpt_stall_s\":%.6f,"
+          "\"applied\":%s}\n",
+          static_cast<long long>(st.step + 1), st.loss, st.lr, st.grad_norm, st.tokens_per_second,
+          st.seconds, st.comm_wait_seconds, st.checkpoint_stall_seconds,
+          st.applied ? "true" : "false");
       std::fflush(metrics);
     }
     if (sum.steps == 0) sum.first_loss = st.loss;
