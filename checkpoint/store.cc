@@ -434,9 +434,11 @@ struct CheckpointReader::Impl {
   std::string root;
   proto::Manifest manifest;
   std::map<std::string, std::vector<int>> by_tensor;  // tensor -> indexes into manifest.shards
-  std::map<std::string, std::unique_ptr<rocksdb::DB>> dbs;
+  std::mutex mu;                                      // guards dbs
+  std::map<std::string, std::unique_ptr<rocksdb::DB>> dbs;  // GUARDED_BY(mu)
 
   Result<rocksdb::DB*> Instance(const std::string& instance) {
+    std::lock_guard<std::mutex> lock(mu);
     auto it = dbs.find(instance);
     if (it != dbs.end()) return it->second.get();
     const std::string path = root + "/" + instance;
@@ -447,8 +449,9 @@ struct CheckpointReader::Impl {
     return raw;
   }
 
-  // Reads a whole shard into `out` and verifies its checksum.
-  Status ReadShard(const proto::ShardRecord& rec, std::vector<float>* out) {
+  // Reads a whole shard into `out` (rec.bytes() / 4 values) and verifies its checksum.
+  // Thread-safe.
+  Status ReadShard(const proto::ShardRecord& rec, float* out) {
     const std::string what = fmt::format(
         "checkpoint step {}: tensor {}, shard of rank {} (elements [{}, {}), instance {}/{})",
         manifest.step(), rec.tensor(), rec.rank(), rec.layout().begin(), rec.layout().end(), root,
@@ -457,8 +460,7 @@ struct CheckpointReader::Impl {
         rec.bytes() != (rec.layout().end() - rec.layout().begin()) * 4 || rec.chunk_bytes() <= 0) {
       return DataLoss(what + ": inconsistent shard record in the manifest");
     }
-    out->resize(static_cast<size_t>(rec.bytes() / 4));
-    char* dst = reinterpret_cast<char*>(out->data());
+    char* dst = reinterpret_cast<char*>(out);
     if (rec.bytes() > 0) {
       Result<rocksdb::DB*> db = Instance(rec.instance());
       if (!db.ok()) return DataLoss(what + ": " + db.status().message());
@@ -547,10 +549,17 @@ Status CheckpointReader::Read(const std::string& tensor, const proto::ShardLayou
           "the model changed?",
           m.manifest.step(), tensor));
     }
+    if (rec.layout().SerializeAsString() == layout.SerializeAsString()) {
+      // Saved exactly as requested (a restore onto the writing layout): straight into dst.
+      RETURN_IF_ERROR(m.ReadShard(rec, dst));
+      got += need;
+      continue;
+    }
     std::vector<Run> have = LocalRuns(rec.layout());
     SortByGlobal(&have);
     if (!Overlaps(want_sorted, have)) continue;
-    RETURN_IF_ERROR(m.ReadShard(rec, &buf));
+    buf.resize(static_cast<size_t>(rec.bytes() / 4));
+    RETURN_IF_ERROR(m.ReadShard(rec, buf.data()));
     got += CopyOverlap(want, layout.begin(), dst, have, rec.layout().begin(), buf.data());
   }
   if (got != need) {
@@ -559,6 +568,27 @@ Status CheckpointReader::Read(const std::string& tensor, const proto::ShardLayou
                     m.manifest.step(), tensor, got, need));
   }
   return Status::Ok();
+}
+
+Status CheckpointReader::ReadMany(const std::vector<ReadRequest>& requests, int threads) {
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  Status first;  // GUARDED_BY(mu)
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < requests.size();) {
+      const ReadRequest& r = requests[i];
+      Status s = Read(r.tensor, r.layout, r.dst);
+      if (s.ok()) continue;
+      std::lock_guard<std::mutex> lock(mu);
+      if (first.ok()) first = s;
+      next.store(requests.size());  // stop early
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < std::max(1, threads); ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+  return first;
 }
 
 Result<std::vector<float>> CheckpointReader::ReadGlobal(const std::string& tensor,
@@ -591,7 +621,8 @@ Status CheckpointReader::VerifyAll() {
   std::string problems;
   std::vector<float> buf;
   for (const proto::ShardRecord& rec : impl_->manifest.shards()) {
-    Status s = impl_->ReadShard(rec, &buf);
+    buf.resize(static_cast<size_t>(rec.bytes() / 4));
+    Status s = impl_->ReadShard(rec, buf.data());
     if (s.ok()) continue;
     if (!problems.empty()) problems.push_back('\n');
     problems.append(s.message());

@@ -107,7 +107,8 @@ struct RetentionPolicy {
 Result<int> CollectGarbage(Storage& storage, const std::string& root, const RetentionPolicy& policy,
                            int64_t uncommitted_below, int64_t drop_after = -1);
 
-// Reads slices of a committed checkpoint's tensors onto any layout. Not thread-safe.
+// Reads slices of a committed checkpoint's tensors onto any layout. Read, ReadMany and
+// ReadGlobal may be called from several threads.
 class CheckpointReader {
  public:
   static Result<std::unique_ptr<CheckpointReader>> Open(std::shared_ptr<Storage> storage,
@@ -122,6 +123,14 @@ class CheckpointReader {
   // element (e.g. a different model shape); DATA_LOSS naming tensor, shard, rank and instance
   // when a shard is missing, unreadable or fails its checksum.
   Status Read(const std::string& tensor, const proto::ShardLayout& layout, float* dst);
+  // Read() of every request, `threads` at a time (overlapping disk reads with checksums and
+  // copies); the first error, after which the remaining requests may not have been read.
+  struct ReadRequest {
+    std::string tensor;
+    proto::ShardLayout layout;
+    float* dst = nullptr;
+  };
+  Status ReadMany(const std::vector<ReadRequest>& requests, int threads = 4);
   // The whole global tensor (row-major) and its shape.
   Result<std::vector<float>> ReadGlobal(const std::string& tensor, std::vector<int64_t>* shape);
   // Reads every shard and verifies it; OK, or DATA_LOSS with every problem found (one a line).

@@ -3,6 +3,7 @@
 // flipped bytes), and the trainer's save/resume (bitwise on the same layout, float-exact on
 // another, fallback past a corrupt checkpoint).
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <filesystem>
 #include <fstream>
@@ -10,7 +11,9 @@
 #include <thread>
 
 #include "checkpoint/fault_fs.h"
+#include "checkpoint/hf_gpt2.h"
 #include "checkpoint/reshard.h"
+#include "checkpoint/safetensors.h"
 #include "checkpoint/storage_internal.h"
 #include "checkpoint/store.h"
 #include "comm/grid.h"
@@ -612,6 +615,49 @@ TEST(CheckpointResume, OtherLayoutContinuesSampleExact) {
     max_diff = std::max(max_diff, std::abs(ref.params[i] - c.params[i]));
   }
   EXPECT_LE(max_diff, 2e-5f * max_abs);
+}
+
+}  // namespace
+}  // namespace strata
+
+namespace strata {
+namespace {
+
+TEST(CheckpointExport, CliWritesTheModelsWeightsWithHfNames) {
+  testing::ScratchDir dir;
+  const std::string text = testing::WriteText(dir.path() + "/in.txt", 20000);
+  const std::string root = dir.path() + "/x";
+  const proto::JobSpec spec = testing::SpecFromYaml(JobYaml(text, root, false));
+  worker::TrainOptions opt = Quiet();
+  opt.max_steps = 4;
+  auto t = worker::Trainer::Create(spec, opt);
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE((*t)->StartCheckpoints(false).ok());
+  ASSERT_TRUE((*t)->Run(nullptr).ok());  // saves step 4
+  const std::string out = dir.path() + "/model.safetensors";
+  const std::string cmd = std::string(STRATA_BINARY_DIR) + "/bin/strata export " + root +
+                          " --format safetensors -o " + out + " > " + dir.path() + "/log 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  auto file = checkpoint::ReadSafetensors(out);
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  EXPECT_NE(file->Find("transformer.h.0.attn.c_attn.weight"), nullptr);
+  const model::GptConfig& c = (*t)->model().config();
+  checkpoint::Gpt2Config g{c.layers, c.heads, c.channels, c.vocab_size, c.max_seq_len};
+  auto tensors = checkpoint::FromHfGpt2(*file, g);
+  ASSERT_TRUE(tensors.ok()) << tensors.status().ToString();
+  const model::Gpt& m = (*t)->model();
+  for (const model::ParamTensor& p : m.tensors()) {
+    ASSERT_TRUE(tensors->count(p.name)) << p.name;
+    const std::vector<float> want(m.params() + p.offset, m.params() + p.offset + p.numel);
+    EXPECT_EQ(tensors->at(p.name), want) << p.name;
+  }
+  // Bad invocations name the problem and exit 2.
+  const std::string bad = std::string(STRATA_BINARY_DIR) + "/bin/strata export " + root +
+                          " --format onnx -o " + out + " 2> " + dir.path() + "/err";
+  EXPECT_EQ(WEXITSTATUS(std::system(bad.c_str())), 2);
+  std::ifstream err(dir.path() + "/err");
+  const std::string msg((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
+  EXPECT_HAS(msg, "--format");
 }
 
 }  // namespace

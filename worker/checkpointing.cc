@@ -15,6 +15,10 @@ CheckpointSaver::~CheckpointSaver() {
   if (thread_.joinable()) thread_.join();
 }
 
+void CheckpointSaver::Reserve(size_t floats) {
+  if (options_.async && staging_.size() < floats) staging_.assign(floats, 0.f);
+}
+
 Status CheckpointSaver::TakeResult() {
   std::lock_guard<std::mutex> lock(mu_);
   if (!unreported_) return Status::Ok();

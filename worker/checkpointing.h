@@ -58,6 +58,9 @@ class CheckpointSaver {
   // previous save plus copying, in async mode).
   Status Save(const proto::Manifest& manifest, const std::vector<SaveItem>& items,
               double* stall_seconds = nullptr);
+  // Async mode: allocates (and touches) the staging buffer for `floats` values now, so that the
+  // first save does not pay for page faults inside the step loop.
+  void Reserve(size_t floats);
   // Waits for the save in flight; returns its status if not reported yet.
   Status Wait();
   // Non-blocking: the status of a finished, unreported save, or OK.

@@ -114,6 +114,11 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
     so.retention.keep_every = ck.keep_every();
     so.commit_timeout = std::chrono::seconds(ck.commit_timeout_s());
     t->saver_ = std::make_unique<CheckpointSaver>(std::move(so));
+    size_t floats = 0;
+    for (const SaveItem& it : t->CheckpointItems()) {
+      floats += static_cast<size_t>(it.layout.end() - it.layout.begin());
+    }
+    t->saver_->Reserve(floats);
   }
   return t;
 }
@@ -205,14 +210,16 @@ Status Trainer::LoadCheckpoint(checkpoint::CheckpointReader& reader) {
   const proto::Manifest& m = reader.manifest();
   float* params = model_->params();
   const int64_t lo = adam_->offset(), hi = lo + adam_->size();
+  std::vector<checkpoint::CheckpointReader::ReadRequest> reads;
   for (const model::ParamTensor& t : model_->tensors()) {
-    RETURN_IF_ERROR(reader.Read("param/" + t.name, LayoutOf(t, 0, t.numel), params + t.offset));
+    reads.push_back({"param/" + t.name, LayoutOf(t, 0, t.numel), params + t.offset});
     const int64_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, hi);
     if (a >= b) continue;
     const proto::ShardLayout l = LayoutOf(t, a - t.offset, b - t.offset);
-    RETURN_IF_ERROR(reader.Read("adam_m/" + t.name, l, adam_->m() + (a - lo)));
-    RETURN_IF_ERROR(reader.Read("adam_v/" + t.name, l, adam_->v() + (a - lo)));
+    reads.push_back({"adam_m/" + t.name, l, adam_->m() + (a - lo)});
+    reads.push_back({"adam_v/" + t.name, l, adam_->v() + (a - lo)});
   }
+  RETURN_IF_ERROR(reader.ReadMany(reads));
   model_->RefreshComputeWeights();
   const proto::TrainerState& s = m.trainer();
   step_ = s.step();
