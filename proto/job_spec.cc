@@ -662,8 +662,8 @@ Status Validate(const proto::JobSpec& spec) {
     return Bad(fmt::format("checkpoint.keep: must be at least 1, got {}", c.keep()));
   }
   if (c.keep_every() < 0) {
-    return Bad(fmt::format("checkpoint.keep_every: must be >= 0 (0 = none), got {}",
-                           c.keep_every()));
+    return Bad(
+        fmt::format("checkpoint.keep_every: must be >= 0 (0 = none), got {}", c.keep_every()));
   }
   if (c.commit_timeout_s() < 1) {
     return Bad(fmt::format("checkpoint.commit_timeout_s: must be at least 1 second, got {}",
@@ -767,6 +767,9 @@ Result<proto::JobSpec> LoadJobFile(const std::string& path) {
   proto::DataSpec* d = spec.mutable_data();
   d->set_train(ResolveAgainst(dir, d->train()));
   d->set_val(ResolveAgainst(dir, d->val()));
+  if (!spec.model().init_from().empty()) {
+    spec.mutable_model()->set_init_from(ResolveAgainst(dir, spec.model().init_from()));
+  }
   proto::CheckpointSpec* ck = spec.mutable_checkpoint();
   if (!ck->dir().empty()) ck->set_dir(ResolveAgainst(dir, ck->dir()));
   if (spec.name().empty()) spec.set_name(std::filesystem::path(path).stem().string());

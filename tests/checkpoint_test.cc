@@ -651,6 +651,21 @@ TEST(CheckpointExport, CliWritesTheModelsWeightsWithHfNames) {
     const std::vector<float> want(m.params() + p.offset, m.params() + p.offset + p.numel);
     EXPECT_EQ(tensors->at(p.name), want) << p.name;
   }
+  // The export initialises a new model (another seed: the file's weights win), and a
+  // mismatched shape is refused naming model.init_from.
+  proto::JobSpec init = spec;
+  init.mutable_checkpoint()->set_dir("");
+  init.mutable_train()->set_seed(99);
+  init.mutable_model()->set_init_from(out);
+  auto fresh = worker::Trainer::Create(init, Quiet());
+  ASSERT_TRUE(fresh.ok()) << fresh.status().ToString();
+  const model::Gpt& fm = (*fresh)->model();
+  EXPECT_EQ(std::vector<float>(fm.params(), fm.params() + fm.num_params()),
+            std::vector<float>(m.params(), m.params() + m.num_params()));
+  init.mutable_model()->set_layers(3);
+  auto wrong = worker::Trainer::Create(init, Quiet());
+  EXPECT_EQ(wrong.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_HAS(wrong.status().message(), "model.init_from");
   // Bad invocations name the problem and exit 2.
   const std::string bad = std::string(STRATA_BINARY_DIR) + "/bin/strata export " + root +
                           " --format onnx -o " + out + " 2> " + dir.path() + "/err";

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <limits>
 
+#include "checkpoint/hf_gpt2.h"
+#include "checkpoint/safetensors.h"
 #include "common/logging.h"
 #include "model/cpu_info.h"
 #include "worker/tp_comm.h"
@@ -68,6 +70,7 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   ASSIGN_OR_RETURN(t->model_, model::Gpt::Create(cfg, dtype, t->micro_, t->seq_, t->tp_comm_.get(),
                                                  stage, slots));
   t->model_->InitWeights(spec.train().seed());
+  if (!spec.model().init_from().empty()) RETURN_IF_ERROR(t->InitFrom(spec.model().init_from()));
   model::AdamWConfig ac;
   ac.beta1 = static_cast<float>(spec.train().beta1());
   ac.beta2 = static_cast<float>(spec.train().beta2());
@@ -139,6 +142,26 @@ proto::ShardLayout LayoutOf(const model::ParamTensor& t, int64_t begin, int64_t 
 }
 
 }  // namespace
+
+Status Trainer::InitFrom(const std::string& path) {
+  ASSIGN_OR_RETURN(checkpoint::SafetensorsFile file, checkpoint::ReadSafetensors(path));
+  const model::GptConfig& c = model_->config();
+  const checkpoint::Gpt2Config expected{c.layers, c.heads, c.channels, c.vocab_size, c.max_seq_len};
+  Result<checkpoint::TensorMap> tensors = checkpoint::FromHfGpt2(file, expected);
+  if (!tensors.ok()) {
+    return InvalidArgument("model.init_from: " + tensors.status().message());
+  }
+  float* params = model_->params();
+  for (const model::ParamTensor& t : model_->tensors()) {
+    const std::vector<float>& global = tensors->at(t.name);
+    for (int64_t i = 0; i < t.numel; ++i) {
+      const int64_t g = t.GlobalIndex(i);
+      params[t.offset + i] = g >= 0 ? global[static_cast<size_t>(g)] : 0.f;
+    }
+  }
+  model_->RefreshComputeWeights();
+  return Status::Ok();
+}
 
 std::vector<SaveItem> Trainer::CheckpointItems() const {
   std::vector<SaveItem> items;

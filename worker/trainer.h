@@ -169,6 +169,8 @@ class Trainer {
   Status ReduceAndUpdate(StepStats* st);
   Status WaitAll(std::vector<std::unique_ptr<comm::Work>>* works);
   proto::Manifest ManifestBase() const;
+  // model.init_from: this rank's slices of a safetensors file with HF GPT-2 names.
+  Status InitFrom(const std::string& path);
   // Loads a checkpoint into this rank's parameters, moments and counters.
   Status LoadCheckpoint(checkpoint::CheckpointReader& reader);
   // Max of `v` over every rank of the job (through the tp, pp and dp groups).
