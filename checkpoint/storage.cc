@@ -18,6 +18,16 @@ std::shared_ptr<Storage> DefaultStorage() {
   return kDefault;
 }
 
+Status CreateDirs(rocksdb::FileSystem* fs, const std::string& path) {
+  for (size_t at = 1; at <= path.size(); ++at) {
+    if (at != path.size() && path[at] != '/') continue;
+    const std::string dir = path.substr(0, at);
+    rocksdb::IOStatus s = fs->CreateDirIfMissing(dir, rocksdb::IOOptions(), nullptr);
+    if (!s.ok()) return FromIo(s, "create " + dir);
+  }
+  return Status::Ok();
+}
+
 Status RemoveTree(rocksdb::FileSystem* fs, const std::string& path) {
   const rocksdb::IOOptions io;
   if (fs->FileExists(path, io, nullptr).IsNotFound()) return Status::Ok();

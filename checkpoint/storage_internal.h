@@ -30,6 +30,9 @@ class Storage {
 
 std::shared_ptr<Storage> StorageOn(std::shared_ptr<rocksdb::FileSystem> fs);
 
+// Creates `path` and its missing parents.
+Status CreateDirs(rocksdb::FileSystem* fs, const std::string& path);
+
 // Removes a file or a directory tree; a missing path is OK.
 Status RemoveTree(rocksdb::FileSystem* fs, const std::string& path);
 

@@ -116,10 +116,7 @@ Result<std::unique_ptr<ShardWriter>> ShardWriter::Create(std::shared_ptr<Storage
   }
   RETURN_IF_ERROR(RemoveTree(fs, m.path));
   RETURN_IF_ERROR(RemoveTree(fs, m.staging));
-  for (const std::string& dir : {root, root + "/" + StepDirName(step), m.staging}) {
-    rocksdb::IOStatus s = fs->CreateDirIfMissing(dir, io, nullptr);
-    if (!s.ok()) return FromIo(s, "create " + dir);
-  }
+  RETURN_IF_ERROR(CreateDirs(fs, m.staging));
   return w;
 }
 
@@ -247,8 +244,7 @@ Status OpenManifestReadOnly(Storage& storage, const std::string& root,
 
 Result<std::unique_ptr<rocksdb::DB>> OpenManifestForWrite(Storage& storage,
                                                           const std::string& root) {
-  rocksdb::IOStatus s = storage.fs()->CreateDirIfMissing(root, rocksdb::IOOptions(), nullptr);
-  if (!s.ok()) return FromIo(s, "create " + root);
+  RETURN_IF_ERROR(CreateDirs(storage.fs(), root));
   rocksdb::Options options = BaseOptions(storage);
   options.create_if_missing = true;
   const std::string path = root + "/" + kManifestDir;
