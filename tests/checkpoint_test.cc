@@ -54,18 +54,7 @@ model::ParamTensor Sharded(std::vector<int64_t> global, int dim, int blocks, int
   return t;
 }
 
-proto::ShardLayout LayoutOf(const model::ParamTensor& t, int64_t begin, int64_t end) {
-  proto::ShardLayout l;
-  for (int64_t d : t.global_shape) l.add_global_shape(d);
-  for (int64_t d : t.shape) l.add_local_shape(d);
-  l.set_shard_dim(t.shard_dim);
-  l.set_shard_blocks(t.shard_blocks);
-  l.set_shard_offset(t.shard_offset);
-  l.set_shard_extent(t.shard_extent);
-  l.set_begin(begin);
-  l.set_end(end);
-  return l;
-}
+using worker::LayoutOf;
 
 // The local tensor's values taken from a global tensor (0 for padding), by GlobalIndex.
 std::vector<float> Slice(const model::ParamTensor& t, const std::vector<float>& global) {

@@ -7,6 +7,19 @@
 
 namespace strata::worker {
 
+proto::ShardLayout LayoutOf(const model::ParamTensor& t, int64_t begin, int64_t end) {
+  proto::ShardLayout l;
+  for (int64_t d : t.global_shape) l.add_global_shape(d);
+  for (int64_t d : t.shape) l.add_local_shape(d);
+  l.set_shard_dim(t.shard_dim);
+  l.set_shard_blocks(t.shard_blocks);
+  l.set_shard_offset(t.shard_offset);
+  l.set_shard_extent(t.shard_extent);
+  l.set_begin(begin);
+  l.set_end(end);
+  return l;
+}
+
 CheckpointSaver::CheckpointSaver(SaverOptions options) : options_(std::move(options)) {
   if (!options_.storage) options_.storage = checkpoint::DefaultStorage();
 }

@@ -23,9 +23,13 @@
 
 #include "checkpoint/store.h"
 #include "common/status.h"
+#include "model/gpt.h"
 #include "proto/checkpoint.pb.h"
 
 namespace strata::worker {
+
+// How local elements [begin, end) of a model tensor map onto its global tensor.
+proto::ShardLayout LayoutOf(const model::ParamTensor& t, int64_t begin, int64_t end);
 
 struct SaveItem {
   std::string tensor;
