@@ -126,22 +126,6 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   return t;
 }
 
-namespace {
-
-proto::ShardLayout LayoutOf(const model::ParamTensor& t, int64_t begin, int64_t end) {
-  proto::ShardLayout l;
-  for (int64_t d : t.global_shape) l.add_global_shape(d);
-  for (int64_t d : t.shape) l.add_local_shape(d);
-  l.set_shard_dim(t.shard_dim);
-  l.set_shard_blocks(t.shard_blocks);
-  l.set_shard_offset(t.shard_offset);
-  l.set_shard_extent(t.shard_extent);
-  l.set_begin(begin);
-  l.set_end(end);
-  return l;
-}
-
-}  // namespace
 
 Status Trainer::InitFrom(const std::string& path) {
   ASSIGN_OR_RETURN(checkpoint::SafetensorsFile file, checkpoint::ReadSafetensors(path));
@@ -667,6 +651,7 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
           st.applied ? "true" : "false");
       std::fflush(metrics);
     }
+    if (options_.on_step) options_.on_step(st);
     if (sum.steps == 0) sum.first_loss = st.loss;
     sum.last_loss = st.loss;
     ++sum.steps;

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,8 @@
 #include "worker/pipeline.h"
 
 namespace strata::worker {
+
+struct StepStats;
 
 struct TrainOptions {
   int64_t max_steps = -1;  // stop after this many steps (< 0: train.steps)
@@ -59,6 +62,8 @@ struct TrainOptions {
   // innermost, then PP, then DP); world rank 0 commits unless `external_commit` (daemon mode:
   // the coordinator commits).
   bool external_commit = false;
+  // Called by Run after every step (daemon mode: step reports to the coordinator).
+  std::function<void(const StepStats&)> on_step;
   // The file system checkpoints go through (tests pass a fault-injecting one).
   std::shared_ptr<checkpoint::Storage> checkpoint_storage;
 };
