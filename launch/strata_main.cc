@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "common/logging.h"
+#include "launch/api_client.h"
 #include "launch/ckpt_cli.h"
+#include "launch/plan_cli.h"
 #include "model/cpu_info.h"
 #include "proto/job_spec.h"
 #include "worker/trainer.h"
@@ -37,6 +39,9 @@ constexpr const char* kUsage =
     "        read every shard of the latest (or step S) checkpoint and check its checksum\n"
     "  export CKPT_ROOT [--step S] --format safetensors -o FILE\n"
     "        the model's weights with Hugging Face GPT-2 names and layouts\n"
+    "  plan JOB.yaml --workers N --device h100|a100|cpu [--explain] [--json]\n"
+    "        choose dp x tp x pp, micro-batch, ZeRO-1, recompute; --explain: breakdowns,\n"
+    "        runners-up and why they lost\n"
     "  validate JOB.yaml\n"
     "        check a job spec and print it with every default filled in\n"
     "  help  this text\n";
@@ -181,8 +186,14 @@ int main(int argc, char** argv) {
   if (cmd == "validate") return Validate(args);
   if (cmd == "ckpt") return strata::launch::CkptCommand(args);
   if (cmd == "export") return strata::launch::ExportCommand(args);
+  if (cmd == "plan") return strata::launch::PlanCommand(args);
+  if (cmd == "submit") return strata::launch::SubmitCommand(args);
+  if (cmd == "jobs") return strata::launch::JobsCommand(args);
+  if (cmd == "status") return strata::launch::StatusCommand(args);
+  if (cmd == "logs") return strata::launch::LogsCommand(args);
+  if (cmd == "cancel") return strata::launch::CancelCommand(args);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
-    std::printf("%s", kUsage);
+    std::printf("%s%s", kUsage, strata::launch::kApiUsage);
     return 0;
   }
   return Usage("unknown command '" + cmd + "'");

@@ -8,8 +8,11 @@
 // The daemon mode (--coordinator) arrives with the coordinator issue.
 //
 // Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted.
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -19,6 +22,7 @@
 #include "common/logging.h"
 #include "model/cpu_info.h"
 #include "proto/job_spec.h"
+#include "worker/daemon.h"
 #include "worker/trainer.h"
 
 namespace {
@@ -132,7 +136,69 @@ int Fail(int rank, const std::string& what, const strata::Status& s) {
   return code;
 }
 
+// Daemon mode: `strata-worker --coordinator HOST:PORT [--host ADDR] [--worker-id ID]
+// [--threads N] [--secret-file F] [--device cpu] [--log-level L]` registers with the coordinator
+// and runs what it is assigned until SIGINT/SIGTERM.
+std::atomic<bool> g_daemon_stop{false};
+
+int DaemonMain(int argc, char** argv) {
+  strata::worker::DaemonOptions o;
+  std::string level = "info";
+  for (int i = 1; i < argc; ++i) {
+    const std::string f = argv[i];
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "strata-worker: %s needs a value\n", f.c_str());
+      return 2;
+    }
+    const std::string v = argv[++i];
+    long long n = 0;
+    if (f == "--coordinator") {
+      o.coordinator = v;
+    } else if (f == "--host") {
+      o.host = v;
+    } else if (f == "--worker-id") {
+      o.worker_id = v;
+    } else if (f == "--log-level") {
+      level = v;
+    } else if (f == "--device") {
+      if (v != "cpu") {
+        std::fprintf(stderr, "strata-worker: --device: only 'cpu' is built (CUDA: not yet)\n");
+        return 2;
+      }
+    } else if (f == "--threads") {
+      if (!ParseInt(v, &n)) {
+        std::fprintf(stderr, "strata-worker: --threads: '%s' is not a non-negative integer\n",
+                     v.c_str());
+        return 2;
+      }
+      o.threads = static_cast<int>(n);
+    } else if (f == "--secret-file") {
+      std::ifstream in(v);
+      if (!in) {
+        std::fprintf(stderr, "strata-worker: --secret-file: cannot read %s\n", v.c_str());
+        return 2;
+      }
+      std::getline(in, o.secret);
+    } else {
+      std::fprintf(stderr, "strata-worker: unknown flag '%s' in daemon mode\n", f.c_str());
+      return 2;
+    }
+  }
+  strata::InitLogging(level.c_str());
+  std::signal(SIGINT, [](int) { g_daemon_stop.store(true); });
+  std::signal(SIGTERM, [](int) { g_daemon_stop.store(true); });
+  strata::Status s = strata::worker::RunWorkerDaemon(o, &g_daemon_stop);
+  if (!s.ok()) {
+    std::fprintf(stderr, "strata-worker: %s\n", s.ToString().c_str());
+    return s.code() == strata::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--coordinator") return DaemonMain(argc, argv);
+  }
   strata::Status st = strata::comm::MpiInit(&argc, &argv);
   if (!st.ok()) {
     std::fprintf(stderr, "strata-worker: MPI: %s\n", st.message().c_str());
