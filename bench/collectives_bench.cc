@@ -5,7 +5,14 @@
 //       and through the blocking MPI call (MPI_Allreduce / MPI_Reduce_scatter_block /
 //       MPI_Allgather) on the same buffers in the same run, alternating, best of --rounds;
 //       also the raw non-blocking call + MPI_Wait ("nb"), which is what the backend pays
-//       underneath, so the table separates MPI's non-blocking cost from the wrapper's.
+//       underneath above its direct path (comm/mpi.h: point-to-point messages for small
+//       sizes), so the table separates MPI's non-blocking cost from the wrapper's.
+//   mpirun -np N collectives_bench --overlap-ms C [--min-bytes B] [--max-bytes B]
+//       overlap of an all-reduce with computation, as data parallelism does it: issue, compute
+//       for about C ms (the same arithmetic on every rank), then Wait. Reports the op alone, the
+//       computation alone and with the op in flight, and the Wait left after it ("exposed"); best
+//       of --rounds each. hidden = 1 - exposed / alone. Run it with STRATA_MPI_PROGRESS_US=0 to
+//       see what Wait alone achieves.
 //   collectives_bench --gloo-threads N [...]
 //       the same collectives through the Gloo backend, ranks as threads over TCP loopback,
 //       and through gloo::allreduce / gloo::allgather called directly on separate contexts
@@ -202,6 +209,94 @@ int RunMpi(int argc, char** argv, size_t min_bytes, size_t max_bytes, int rounds
   return 0;
 }
 
+// About `ms` milliseconds of arithmetic (calibrated once), identical on every rank.
+class Compute {
+ public:
+  explicit Compute(double ms) : data_(1 << 14, 1.f) {
+    iters_ = 1;
+    double t = 0;
+    while ((t = Run()) < 2e-3) iters_ *= 2;
+    iters_ = std::max<int64_t>(1, static_cast<int64_t>(iters_ * ms * 1e-3 / t));
+  }
+  // Seconds it took.
+  double Run() {
+    const auto t0 = Clock::now();
+    for (int64_t k = 0; k < iters_; ++k) {
+      for (float& x : data_) x = x * 0.999f + 0.001f;
+    }
+    sink_ = data_[static_cast<size_t>(iters_) % data_.size()];
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+  int64_t iters() const { return iters_; }
+  void set_iters(int64_t n) { iters_ = n; }
+
+ private:
+  std::vector<float> data_;
+  int64_t iters_;
+  volatile float sink_ = 0;
+};
+
+double MaxOverRanks(double t) {
+  MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return t;
+}
+
+int RunOverlap(int argc, char** argv, size_t min_bytes, size_t max_bytes, int rounds,
+               double compute_ms) {
+  if (Status s = MpiInit(&argc, &argv); !s.ok()) Die(s);
+  {
+    auto world = MakeMpiWorldGroup();
+    if (!world.ok()) Die(world.status());
+    ProcessGroup& g = **world;
+    Compute compute(compute_ms);
+    // Every rank runs the same number of iterations: rank 0's calibration.
+    int64_t iters = compute.iters();
+    MPI_Bcast(&iters, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+    compute.set_iters(iters);
+    const char* env = std::getenv("STRATA_MPI_PROGRESS_US");
+    if (g.rank() == 0) {
+      std::printf(
+          "# overlap: all-reduce issued, ~%.0f ms of computation, then Wait; %d ranks, fp32 sum;"
+          "\n# STRATA_MPI_PROGRESS_US=%s; times = best of %d rounds of the slowest rank, in us\n",
+          compute_ms, g.size(), env ? env : "(default)", rounds);
+      std::printf("%-12s %10s %12s %12s %12s %10s %8s\n", "# size(B)", "alone(us)", "compute(us)",
+                  "+op(us)", "exposed(us)", "hidden", "slower");
+    }
+    for (size_t size : Sizes(min_bytes, max_bytes)) {
+      Buffers b = MakeBuffers(Coll::kAllReduce, size, g.size());
+      auto wait = [&](std::unique_ptr<Work> w) {
+        if (Status s = w->Wait(std::chrono::milliseconds(60000)); !s.ok()) Die(s);
+      };
+      double alone = 1e30, comp = 1e30, comp_op = 1e30, exposed = 1e30;
+      for (int round = 0; round < rounds; ++round) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        auto t0 = Clock::now();
+        wait(Issue(g, Coll::kAllReduce, b));
+        alone =
+            std::min(alone, MaxOverRanks(std::chrono::duration<double>(Clock::now() - t0).count()));
+        MPI_Barrier(MPI_COMM_WORLD);
+        comp = std::min(comp, MaxOverRanks(compute.Run()));
+        MPI_Barrier(MPI_COMM_WORLD);
+        auto w = Issue(g, Coll::kAllReduce, b);
+        const double c = compute.Run();
+        t0 = Clock::now();
+        wait(std::move(w));
+        const double e = std::chrono::duration<double>(Clock::now() - t0).count();
+        comp_op = std::min(comp_op, MaxOverRanks(c));
+        exposed = std::min(exposed, MaxOverRanks(e));
+      }
+      if (g.rank() == 0) {
+        std::printf("%-12zu %10.1f %12.1f %12.1f %12.1f %9.0f%% %7.1f%%\n", b.bytes, alone * 1e6,
+                    comp * 1e6, comp_op * 1e6, exposed * 1e6, 100 * (1 - exposed / alone),
+                    100 * (comp_op / comp - 1));
+        std::fflush(stdout);
+      }
+    }
+  }
+  if (Status s = MpiFinalize(); !s.ok()) Die(s);
+  return 0;
+}
+
 // Raw Gloo: one context per thread, the collective called directly (no worker thread).
 void RawGloo(const std::shared_ptr<gloo::Context>& ctx, Coll c, Buffers& b) {
   if (c == Coll::kAllReduce) {
@@ -307,6 +402,7 @@ int main(int argc, char** argv) {
   size_t min_bytes = 8, max_bytes = 64u << 20;
   int gloo_threads = 0;
   int rounds = 2;
+  double overlap_ms = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--min-bytes" && i + 1 < argc) {
@@ -315,13 +411,16 @@ int main(int argc, char** argv) {
       max_bytes = ParseBytes(argv[++i]);
     } else if (a == "--rounds" && i + 1 < argc) {
       rounds = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--overlap-ms" && i + 1 < argc) {
+      overlap_ms = std::atof(argv[++i]);
     } else if (a == "--gloo-threads" && i + 1 < argc) {
       gloo_threads = std::atoi(argv[++i]);
     } else {
       std::fprintf(stderr,
                    "usage: mpirun -np N %s [--min-bytes 8] [--max-bytes 64M] [--rounds 2]\n"
+                   "       mpirun -np N %s --overlap-ms C [--min-bytes 8] [--max-bytes 64M]\n"
                    "       %s --gloo-threads N [--min-bytes 8] [--max-bytes 64M] [--rounds 2]\n",
-                   argv[0], argv[0]);
+                   argv[0], argv[0], argv[0]);
       return 2;
     }
   }
@@ -330,5 +429,6 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (gloo_threads > 0) return RunGloo(gloo_threads, min_bytes, max_bytes, rounds);
+  if (overlap_ms > 0) return RunOverlap(argc, argv, min_bytes, max_bytes, rounds, overlap_ms);
   return RunMpi(argc, argv, min_bytes, max_bytes, rounds);
 }

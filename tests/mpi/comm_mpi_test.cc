@@ -3,7 +3,11 @@
 // ranks print only their failures (prefixed with the rank), so the output stays readable.
 #include <gtest/gtest.h>
 
+#include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <numeric>
 #include <thread>
 
 #include "comm/grid.h"
@@ -154,25 +158,30 @@ TEST(Mpi, SplitGrid) {
 
 // The last rank joins 500 ms late. The others' 100 ms Wait reports DEADLINE_EXCEEDED naming
 // group and op; the op stays in flight, so waiting again completes it and MPI can finalise.
+// Both paths: a direct-path op and one of MPI's collectives, which the progress thread watches.
 TEST(Mpi, TimeoutThenLateRankCompletes) {
   ProcessGroup& g = *g_world;
   const int n = g.size(), r = g.rank();
-  auto buf = testing::Filled(ElemType::kF32, r, 64);
-  const auto t0 = std::chrono::steady_clock::now();
-  if (r == n - 1) std::this_thread::sleep_for(milliseconds(500));
-  auto w = g.AllReduce(buf.data(), 64, ElemType::kF32, ReduceOp::kSum);
-  if (r != n - 1) {
-    Status s = w->Wait(milliseconds(100));
-    EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.ToString();
-    EXPECT_HAS(s.message(), "world: all_reduce timed out after 100 ms");
-    EXPECT_LT(Seconds(t0), 0.45) << "the timeout was not honoured";
+  for (size_t count : {size_t{64}, size_t{1} << 18}) {
+    SCOPED_TRACE("count " + std::to_string(count));
+    ASSERT_TRUE(g.Barrier()->Wait(testing::kWait).ok());
+    auto buf = testing::Filled(ElemType::kF32, r, count);
+    const auto t0 = std::chrono::steady_clock::now();
+    if (r == n - 1) std::this_thread::sleep_for(milliseconds(500));
+    auto w = g.AllReduce(buf.data(), count, ElemType::kF32, ReduceOp::kSum);
+    if (r != n - 1) {
+      Status s = w->Wait(milliseconds(100));
+      EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.ToString();
+      EXPECT_HAS(s.message(), "world: all_reduce timed out after 100 ms");
+      EXPECT_LT(Seconds(t0), 0.45) << "the timeout was not honoured";
+    }
+    Status s = w->Wait(milliseconds(10000));
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    testing::ExpectAll(
+        ElemType::kF32, buf.data(), count,
+        [&](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, n, i); },
+        "late all_reduce");
   }
-  Status s = w->Wait(milliseconds(10000));
-  ASSERT_TRUE(s.ok()) << s.ToString();
-  testing::ExpectAll(
-      ElemType::kF32, buf.data(), 64,
-      [&](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, n, i); },
-      "late all_reduce");
 }
 
 TEST(Mpi, PointToPointTimeoutThenLateSend) {
@@ -228,6 +237,163 @@ TEST(Mpi, AbortFailsLocalWorks) {
                     .ok());
   }
   ASSERT_TRUE(g.Barrier()->Wait(testing::kWait).ok());
+}
+
+// Both sides of the direct path's limits: the direct path (point-to-point messages, reduced
+// locally) and MPI's collectives give the same results for every type and op.
+TEST(Mpi, DirectPathBoundary) {
+  ProcessGroup& g = *g_world;
+  const int r = g.rank();
+  const size_t peers = static_cast<size_t>(g.size() - 1);
+  for (ElemType t : testing::AllTypes()) {
+    const size_t reduce_at = kMpiDirectReduceMaxBytes / peers / ElemSize(t);
+    for (size_t count : {reduce_at, reduce_at + 1}) {
+      for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax}) {
+        testing::CheckAllReduce(r, g, t, op, count);
+        testing::CheckReduceScatter(r, g, t, op, count);
+      }
+      testing::CheckReduceScatterInPlace(r, g, t, count);
+    }
+    const size_t copy_at = kMpiDirectCopyMaxBytes / peers / ElemSize(t);
+    for (size_t count : {copy_at, copy_at + 1}) {
+      testing::CheckAllGather(r, g, t, count, false);
+      testing::CheckAllGather(r, g, t, count, true);
+      testing::CheckBroadcast(r, g, t, count, g.size() - 1);
+    }
+  }
+}
+
+// A group of one rank: every collective completes at issue, without messages.
+TEST(Mpi, SingleRankGroup) {
+  ProcessGroup& g = *g_world;
+  auto self = g.Split({g.rank()}, "self");
+  ASSERT_TRUE(self.ok()) << self.status().ToString();
+  for (size_t count : {size_t{0}, size_t{3}, size_t{5000}}) {
+    testing::CheckAllReduce(0, **self, ElemType::kBF16, ReduceOp::kAvg, count);
+    testing::CheckAllReduce(0, **self, ElemType::kI32, ReduceOp::kMax, count);
+    testing::CheckReduceScatter(0, **self, ElemType::kF32, ReduceOp::kSum, count);
+    testing::CheckAllGather(0, **self, ElemType::kF64, count, false);
+    testing::CheckBroadcast(0, **self, ElemType::kU8, count, 0);
+  }
+}
+
+bool ProgressThreadOff() {
+  const char* v = std::getenv("STRATA_MPI_PROGRESS_US");
+  return v && std::atoi(v) == 0;
+}
+
+// The progress thread moves a collective while ranks are busy elsewhere. Every rank but 0
+// issues a 4 MB bf16 all-reduce, then "computes" (sleeps) for 600 ms before it waits; rank 0
+// waits at once. Open MPI advances non-blocking collectives only inside MPI calls, so without
+// the thread rank 0 would wait for the others' Wait.
+TEST(Mpi, ProgressWhileOtherRanksCompute) {
+  if (ProgressThreadOff()) GTEST_SKIP() << "STRATA_MPI_PROGRESS_US=0";
+  ProcessGroup& g = *g_world;
+  const int n = g.size(), r = g.rank();
+  const size_t count = size_t{1} << 21;
+  auto buf = testing::Filled(ElemType::kBF16, r, count);
+  ASSERT_TRUE(g.Barrier()->Wait(testing::kWait).ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto w = g.AllReduce(buf.data(), count, ElemType::kBF16, ReduceOp::kAvg);
+  if (r != 0) std::this_thread::sleep_for(milliseconds(600));
+  Status s = w->Wait(testing::kWait);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  if (r == 0) {
+    EXPECT_LT(Seconds(t0), 0.4) << "the all-reduce did not move while the other ranks slept";
+  }
+  testing::ExpectAll(
+      ElemType::kBF16, buf.data(), count,
+      [&](size_t i) { return testing::Expected(ElemType::kBF16, ReduceOp::kAvg, n, i); },
+      "all_reduce finished in the background");
+  ASSERT_TRUE(g.Barrier()->Wait(testing::kWait).ok());
+}
+
+// A Work dropped while its op is in flight (the last rank is late): the progress thread
+// completes the op in the background and MpiFinalize, at exit, finds nothing left.
+TEST(Mpi, DroppedWorkCompletesInBackground) {
+  ProcessGroup& g = *g_world;
+  const int n = g.size(), r = g.rank();
+  static std::vector<float> big(size_t{1} << 18, 1.f);  // outlives the test, like the op
+  static std::vector<float> small(16, 1.f);
+  if (r == n - 1) std::this_thread::sleep_for(milliseconds(200));
+  auto w1 = g.AllReduce(big.data(), big.size(), ElemType::kF32, ReduceOp::kMax);
+  auto w2 = g.AllReduce(small.data(), small.size(), ElemType::kF32, ReduceOp::kMax);
+  if (r == n - 1) {
+    ASSERT_TRUE(w1->Wait(testing::kWait).ok());
+    ASSERT_TRUE(w2->Wait(testing::kWait).ok());
+  }
+  w1.reset();
+  w2.reset();
+  ASSERT_TRUE(g.Barrier()->Wait(testing::kWait).ok());
+}
+
+// Several threads at once: two threads each drive their own group (same members), and on a
+// third group one thread issues while another waits. Ops of every group are in flight together,
+// several threads are inside Wait, and the progress thread runs beside them.
+TEST(Mpi, OpsFromSeveralThreads) {
+  ProcessGroup& g = *g_world;
+  const int n = g.size(), r = g.rank();
+  std::vector<int> all(static_cast<size_t>(n));
+  std::iota(all.begin(), all.end(), 0);
+  auto left = g.Split(all, "left");
+  auto right = g.Split(all, "right");
+  auto relay = g.Split(all, "relay");
+  ASSERT_TRUE(left.ok() && right.ok() && relay.ok());
+  constexpr int kRounds = 20;
+  const std::vector<size_t> counts = {1, 1000, size_t{1} << 16};
+  auto drive = [&](ProcessGroup* pg, int salt) {
+    for (int it = 0; it < kRounds; ++it) {
+      for (size_t count : counts) {
+        auto buf = testing::Filled(ElemType::kF32, r, count, salt);
+        Status s =
+            pg->AllReduce(buf.data(), count, ElemType::kF32, ReduceOp::kSum)->Wait(testing::kWait);
+        ASSERT_TRUE(s.ok()) << s.ToString();
+        testing::ExpectAll(
+            ElemType::kF32, buf.data(), count,
+            [&](size_t i) { return testing::Expected(ElemType::kF32, ReduceOp::kSum, n, i, salt); },
+            pg->name() + " all_reduce");
+      }
+    }
+  };
+  // relay: this thread issues, the waiter thread waits, handing Works over a queue.
+  std::vector<std::vector<uint8_t>> bufs(kRounds * counts.size());
+  std::vector<std::unique_ptr<Work>> works(bufs.size());
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t issued = 0;
+  std::thread waiter([&] {
+    for (size_t k = 0; k < works.size(); ++k) {
+      std::unique_ptr<Work> w;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return issued > k; });
+        w = std::move(works[k]);
+      }
+      Status s = w->Wait(testing::kWait);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+    }
+  });
+  std::thread t1(drive, left->get(), 1);
+  std::thread t2(drive, right->get(), 2);
+  for (size_t k = 0; k < works.size(); ++k) {
+    const size_t count = counts[k % counts.size()];
+    bufs[k] = testing::Filled(ElemType::kI64, r, count, 3);
+    auto w = (*relay)->AllReduce(bufs[k].data(), count, ElemType::kI64, ReduceOp::kMax);
+    std::lock_guard<std::mutex> lock(mu);
+    works[k] = std::move(w);
+    issued = k + 1;
+    cv.notify_one();
+  }
+  waiter.join();
+  t1.join();
+  t2.join();
+  for (size_t k = 0; k < bufs.size(); ++k) {
+    const size_t count = counts[k % counts.size()];
+    testing::ExpectAll(
+        ElemType::kI64, bufs[k].data(), count,
+        [&](size_t i) { return testing::Expected(ElemType::kI64, ReduceOp::kMax, n, i, 3); },
+        "relay all_reduce " + std::to_string(k));
+  }
 }
 
 TEST(Mpi, InvalidArguments) {
