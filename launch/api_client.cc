@@ -23,6 +23,7 @@ const char kApiUsage[] =
     "  status JOB_ID [--json]               state, layout, progress, last error, spec\n"
     "  logs JOB_ID [-f] [--offset N]        the job's log; -f follows it until the job ends\n"
     "  cancel JOB_ID                        cancel a job\n"
+    "  workers [--json]                     registered workers: state, job, heartbeat lag\n"
     "        these take --coordinator HOST:PORT (env STRATA_COORDINATOR, default\n"
     "        127.0.0.1:8470) and --token-file FILE (env STRATA_TOKEN: the token itself)\n";
 
@@ -244,6 +245,35 @@ int JobsCommand(const std::vector<std::string>& args) {
     std::printf("%-12s %-20.20s %-11s %13s %9.4f %10.0f %8d  %s\n", j.id().c_str(),
                 j.name().c_str(), j.state().c_str(), Progress(j).c_str(), j.loss(),
                 j.tokens_per_second(), j.restarts(), j.created().c_str());
+  }
+  return 0;
+}
+
+int WorkersCommand(const std::vector<std::string>& args) {
+  Common c;
+  if (int code = ParseCommon(args, &c)) return code;
+  bool json = false;
+  for (const std::string& a : c.rest) {
+    if (a != "--json") return Fail(2, "workers: unexpected argument '" + a + "'");
+    json = true;
+  }
+  HttpRequest req;
+  req.target = "/v1/workers";
+  int code = 0;
+  auto res = Call(c, req, &code);
+  if (!res) return code;
+  if (json) {
+    std::printf("%s\n", res->body.c_str());
+    return 0;
+  }
+  proto::ApiWorkerList list;
+  if (!ParseReply(*res, &list)) return 1;
+  std::printf("%-24s %-16s %-6s %-6s %-12s %s\n", "ID", "HOST", "DEVICE", "STATE", "JOB",
+              "HEARTBEAT LAG");
+  for (const proto::ApiWorker& w : list.workers()) {
+    std::printf("%-24.24s %-16.16s %-6s %-6s %-12s %.2f s\n", w.id().c_str(), w.host().c_str(),
+                w.device().c_str(), w.state().c_str(),
+                w.job_id().empty() ? "-" : w.job_id().c_str(), w.heartbeat_lag_seconds());
   }
   return 0;
 }

@@ -26,5 +26,7 @@ int StatusCommand(const std::vector<std::string>& args);
 int LogsCommand(const std::vector<std::string>& args);
 // cancel ID
 int CancelCommand(const std::vector<std::string>& args);
+// workers [--json]: the registered workers.
+int WorkersCommand(const std::vector<std::string>& args);
 
 }  // namespace strata::launch

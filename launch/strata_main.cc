@@ -192,6 +192,7 @@ int main(int argc, char** argv) {
   if (cmd == "status") return strata::launch::StatusCommand(args);
   if (cmd == "logs") return strata::launch::LogsCommand(args);
   if (cmd == "cancel") return strata::launch::CancelCommand(args);
+  if (cmd == "workers") return strata::launch::WorkersCommand(args);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
     std::printf("%s%s", kUsage, strata::launch::kApiUsage);
     return 0;
