@@ -38,8 +38,9 @@ std::string CommitKey(int64_t step) { return fmt::format("{}{:012d}", kCommitPre
 std::string ChunkKey(const std::string& tensor, int64_t chunk) {
   return fmt::format("{}#{:06d}", tensor, chunk);
 }
-std::string MarkerPath(const std::string& root, int64_t step, int rank, const char* suffix) {
-  return fmt::format("{}/{}{}", root, InstanceName(step, rank), suffix);
+std::string MarkerPath(const std::string& root, int64_t step, int rank, const std::string& tag,
+                       const char* suffix) {
+  return fmt::format("{}/{}{}", root, InstanceName(step, rank, tag), suffix);
 }
 
 rocksdb::Options BaseOptions(Storage& storage) {
@@ -68,8 +69,8 @@ bool Exists(Storage& s, const std::string& path) {
 }  // namespace
 
 std::string StepDirName(int64_t step) { return fmt::format("step-{:08d}", step); }
-std::string InstanceName(int64_t step, int rank) {
-  return fmt::format("{}/rank-{:05d}", StepDirName(step), rank);
+std::string InstanceName(int64_t step, int rank, const std::string& tag) {
+  return fmt::format("{}/rank-{:05d}{}{}", StepDirName(step), rank, tag.empty() ? "" : "-", tag);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ std::string InstanceName(int64_t step, int rank) {
 
 struct ShardWriter::Impl {
   std::shared_ptr<Storage> storage;
-  std::string root, instance, path, staging;
+  std::string root, instance, path, staging, tag;
   int64_t step = 0;
   int rank = 0;
   int64_t chunk_bytes = 0;
@@ -90,7 +91,8 @@ struct ShardWriter::Impl {
 
 Result<std::unique_ptr<ShardWriter>> ShardWriter::Create(std::shared_ptr<Storage> storage,
                                                          const std::string& root, int64_t step,
-                                                         int rank, int64_t chunk_bytes) {
+                                                         int rank, int64_t chunk_bytes,
+                                                         const std::string& tag) {
   if (chunk_bytes < 4 || chunk_bytes % 4 != 0) {
     return InvalidArgument(
         fmt::format("chunk_bytes must be a positive multiple of 4, got {}", chunk_bytes));
@@ -103,7 +105,8 @@ Result<std::unique_ptr<ShardWriter>> ShardWriter::Create(std::shared_ptr<Storage
   m.step = step;
   m.rank = rank;
   m.chunk_bytes = chunk_bytes;
-  m.instance = InstanceName(step, rank);
+  m.instance = InstanceName(step, rank, tag);
+  m.tag = tag;
   m.path = root + "/" + m.instance;
   m.staging = m.path + ".staging";
   m.index.set_step(step);
@@ -112,7 +115,7 @@ Result<std::unique_ptr<ShardWriter>> ShardWriter::Create(std::shared_ptr<Storage
   const rocksdb::IOOptions io;
   // Leftovers of an earlier attempt at this step: never part of a commit of this attempt.
   for (const char* suffix : {".durable", ".failed"}) {
-    RETURN_IF_ERROR(RemoveTree(fs, MarkerPath(root, step, rank, suffix)));
+    RETURN_IF_ERROR(RemoveTree(fs, MarkerPath(root, step, rank, tag, suffix)));
   }
   RETURN_IF_ERROR(RemoveTree(fs, m.path));
   RETURN_IF_ERROR(RemoveTree(fs, m.staging));
@@ -170,7 +173,8 @@ Status ShardWriter::Finish() {
   RETURN_IF_ERROR(FromIo(db->Close(), "close " + m.path));
   db.reset();
   RETURN_IF_ERROR(RemoveTree(m.storage->fs(), m.staging));
-  RETURN_IF_ERROR(WriteFileDurably(m.storage->fs(), MarkerPath(m.root, m.step, m.rank, ".durable"),
+  RETURN_IF_ERROR(WriteFileDurably(m.storage->fs(),
+                                   MarkerPath(m.root, m.step, m.rank, m.tag, ".durable"),
                                    m.index.SerializeAsString()));
   m.finished = true;
   return Status::Ok();
@@ -219,9 +223,9 @@ Status ShardWriter::WriteSstFiles() {
 }
 
 void ReportSaveFailed(Storage& storage, const std::string& root, int64_t step, int rank,
-                      const Status& why) {
+                      const Status& why, const std::string& tag) {
   Status s =
-      WriteFileDurably(storage.fs(), MarkerPath(root, step, rank, ".failed"), why.ToString());
+      WriteFileDurably(storage.fs(), MarkerPath(root, step, rank, tag, ".failed"), why.ToString());
   if (!s.ok()) spdlog::warn("could not record the failed save of rank {}: {}", rank, s.ToString());
 }
 
@@ -257,7 +261,8 @@ Result<std::unique_ptr<rocksdb::DB>> OpenManifestForWrite(Storage& storage,
 
 Status CommitWhenDurable(std::shared_ptr<Storage> storage, const std::string& root,
                          proto::Manifest manifest, int world, std::chrono::milliseconds timeout,
-                         const std::atomic<bool>* cancel) {
+                         const std::atomic<bool>* cancel, const std::string& tag,
+                         const std::function<Status()>& fence) {
   const int64_t step = manifest.step();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::vector<bool> done(static_cast<size_t>(world), false);
@@ -266,13 +271,13 @@ Status CommitWhenDurable(std::shared_ptr<Storage> storage, const std::string& ro
   while (remaining > 0) {
     for (int r = 0; r < world; ++r) {
       if (done[static_cast<size_t>(r)]) continue;
-      const std::string failed = MarkerPath(root, step, r, ".failed");
+      const std::string failed = MarkerPath(root, step, r, tag, ".failed");
       if (Exists(*storage, failed)) {
         Result<std::string> why = ReadWholeFile(storage->fs(), failed, 1 << 20);
         return Internal(fmt::format("checkpoint step {} not committed: rank {} failed to save: {}",
                                     step, r, why.ok() ? *why : why.status().ToString()));
       }
-      const std::string marker = MarkerPath(root, step, r, ".durable");
+      const std::string marker = MarkerPath(root, step, r, tag, ".durable");
       if (!Exists(*storage, marker)) continue;
       ASSIGN_OR_RETURN(std::string bytes, ReadWholeFile(storage->fs(), marker, kMaxMarkerBytes));
       proto::ShardIndex& index = indexes[static_cast<size_t>(r)];
@@ -313,6 +318,13 @@ Status CommitWhenDurable(std::shared_ptr<Storage> storage, const std::string& ro
   manifest.set_created_unix_ms(NowUnixMs());
   std::lock_guard<std::mutex> lock(ManifestMutex());
   ASSIGN_OR_RETURN(std::unique_ptr<rocksdb::DB> db, OpenManifestForWrite(*storage, root));
+  if (fence) {
+    Status f = fence();
+    if (!f.ok()) {
+      return Status(f.code(),
+                    fmt::format("checkpoint step {} not committed: {}", step, f.message()));
+    }
+  }
   rocksdb::WriteBatch batch;
   RETURN_IF_ERROR(FromIo(batch.Put(CommitKey(step), manifest.SerializeAsString()), "manifest"));
   rocksdb::WriteOptions wo;

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,8 +36,11 @@ std::shared_ptr<Storage> DefaultStorage();
 
 inline constexpr int64_t kDefaultChunkBytes = 8 << 20;
 
-std::string StepDirName(int64_t step);             // "step-00000020"
-std::string InstanceName(int64_t step, int rank);  // "step-00000020/rank-00003"
+std::string StepDirName(int64_t step);  // "step-00000020"
+// "step-00000020/rank-00003", or with a tag "step-00000020/rank-00003-g7". A tag (daemon mode:
+// the job's generation) keeps the writers of different generations of one step apart, so a
+// stale writer that wakes up late can never touch a newer generation's shards or markers.
+std::string InstanceName(int64_t step, int rank, const std::string& tag = "");
 
 // One rank's piece of one tensor to save: local elements [layout.begin, layout.end) of the
 // local tensor described by `layout`, at `data` (fp32, end - begin values).
@@ -54,7 +58,8 @@ class ShardWriter {
   static Result<std::unique_ptr<ShardWriter>> Create(std::shared_ptr<Storage> storage,
                                                      const std::string& root, int64_t step,
                                                      int rank,
-                                                     int64_t chunk_bytes = kDefaultChunkBytes);
+                                                     int64_t chunk_bytes = kDefaultChunkBytes,
+                                                     const std::string& tag = "");
   ~ShardWriter();
   ShardWriter(const ShardWriter&) = delete;
   ShardWriter& operator=(const ShardWriter&) = delete;
@@ -79,8 +84,11 @@ class ShardWriter {
 
 // Records that `rank`'s save of `step` failed (so the committer stops waiting). Best effort.
 void ReportSaveFailed(Storage& storage, const std::string& root, int64_t step, int rank,
-                      const Status& why);
+                      const Status& why, const std::string& tag = "");
 
+// `fence` (optional) is called right before the manifest write; its error aborts the commit
+// (daemon mode: "is this rank's generation still current?", so a stale committer that wakes up
+// late cannot commit an abandoned branch).
 // Waits until each of ranks [0, world) has made its shards of manifest.step() durable, then
 // commits `manifest` with every rank's shard records added. DEADLINE_EXCEEDED naming the ranks
 // still missing after `timeout`; ABORTED-like CANCELLED when *cancel becomes true; the error of
@@ -88,7 +96,8 @@ void ReportSaveFailed(Storage& storage, const std::string& root, int64_t step, i
 // error. Thread-safe with respect to other commits and collections in this process.
 Status CommitWhenDurable(std::shared_ptr<Storage> storage, const std::string& root,
                          proto::Manifest manifest, int world, std::chrono::milliseconds timeout,
-                         const std::atomic<bool>* cancel = nullptr);
+                         const std::atomic<bool>* cancel = nullptr, const std::string& tag = "",
+                         const std::function<Status()>& fence = nullptr);
 
 // Committed steps, ascending (empty for a root without checkpoints).
 Result<std::vector<int64_t>> CommittedSteps(Storage& storage, const std::string& root);

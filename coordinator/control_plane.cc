@@ -467,6 +467,28 @@ Result<std::unique_ptr<ControlPlane>> ControlPlane::Start(JobStore* store,
   m.store = store;
   m.rendezvous = rendezvous;
   m.options = std::move(options);
+  // Jobs that were planning, running or recovering when a previous coordinator stopped: their
+  // workers lost it and aborted their ranks, so each becomes RECOVERING (a new generation) and
+  // is re-planned on the workers that register again; they resume from the last checkpoint.
+  for (const proto::JobRecord& rec : store->List()) {
+    if (rec.state() != proto::JOB_STATE_PLANNING && rec.state() != proto::JOB_STATE_RUNNING &&
+        rec.state() != proto::JOB_STATE_RECOVERING) {
+      continue;
+    }
+    int64_t generation = rec.generation();
+    if (rec.state() != proto::JOB_STATE_RECOVERING) {
+      ASSIGN_OR_RETURN(proto::JobRecord now,
+                       store->Transition(rec.id(), proto::JOB_STATE_RECOVERING,
+                                         Update("coordinator restarted", "")));
+      generation = now.generation();
+    }
+    rendezvous->SetMinGeneration(rec.id(), generation);
+    Impl::Active a;
+    a.generation = generation;
+    a.recovering = true;
+    a.deadline = Clock::now();
+    m.active[rec.id()] = a;
+  }
   ASSIGN_OR_RETURN(m.listen_fd, wire::Listen(m.options.listen, &m.port));
   m.acceptor = std::thread([&m] { m.Accept(); });
   m.scheduler = std::thread([&m] { m.Schedule(); });

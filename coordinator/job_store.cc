@@ -105,8 +105,8 @@ bool IsLegalTransition(proto::JobState from, proto::JobState to) {
       return from == proto::JOB_STATE_PENDING;
     case proto::JOB_STATE_RUNNING:
       return from == proto::JOB_STATE_PLANNING || from == proto::JOB_STATE_RECOVERING;
-    case proto::JOB_STATE_RECOVERING:
-      return from == proto::JOB_STATE_RUNNING;
+    case proto::JOB_STATE_RECOVERING:  // from PLANNING: a coordinator restarted mid-plan
+      return from == proto::JOB_STATE_RUNNING || from == proto::JOB_STATE_PLANNING;
     case proto::JOB_STATE_SUCCEEDED:
       return from == proto::JOB_STATE_RUNNING;
     case proto::JOB_STATE_FAILED:

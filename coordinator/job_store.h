@@ -36,7 +36,8 @@ const char* JobStateName(proto::JobState state);
 std::optional<proto::JobState> ParseJobState(const std::string& name);
 bool IsTerminal(proto::JobState state);
 // The state machine of proto/coordinator.proto: PENDING -> PLANNING -> RUNNING <-> RECOVERING,
-// SUCCEEDED from RUNNING, FAILED and CANCELLED from every non-terminal state.
+// PLANNING -> RECOVERING (a coordinator restarted mid-plan), SUCCEEDED from RUNNING, FAILED and
+// CANCELLED from every non-terminal state.
 bool IsLegalTransition(proto::JobState from, proto::JobState to);
 
 // What a transition records besides the new state. All optional.

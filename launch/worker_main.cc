@@ -35,7 +35,8 @@ constexpr const char* kUsage =
     "                                  [--no-overlap] [--log-level LEVEL]\n"
     "  --dp/--tp/--pp override parallel.dp/tp/pp of the job (0 or absent: chosen by the rule\n"
     "  tp = pp = 1, dp = world size). --threads: CPU threads per rank (default: cores divided\n"
-    "  among the ranks on this node). --metrics: rank 0 appends one JSON line per step.\n"
+    "  among the ranks on this node; under srun, SLURM_CPUS_PER_TASK when set).\n"
+    "  --metrics: rank 0 appends one JSON line per step.\n"
     "  --no-overlap: reduce gradients after backward instead of during it (benchmarking).\n"
     "  --memory-report: every rank prints its memory, measured and estimated, as JSON.\n"
     "  --resume: continue from the latest usable committed checkpoint in checkpoint.dir,\n"
@@ -114,12 +115,24 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
   return strata::Status::Ok();
 }
 
-// Threads per rank when not given: this node's cores divided among its ranks.
+// Threads per rank when not given: this node's cores divided among its ranks on it. Under
+// mpirun, OMPI_COMM_WORLD_LOCAL_SIZE counts them (first: Slurm variables of an enclosing
+// allocation describe its tasks, not mpirun's ranks). Under srun, the CPUs Slurm gave the task
+// (SLURM_CPUS_PER_TASK, from --cpus-per-task), else the cores divided by --ntasks-per-node
+// (SLURM_NTASKS_PER_NODE). One rank when none is set.
 int DefaultThreads() {
+  // 0 when unset or not a number.
+  auto env_int = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr ? std::max(0, std::atoi(v)) : 0;
+  };
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  const int ranks = local ? std::max(1, std::atoi(local)) : 1;
-  return std::max(1, cores / ranks);
+  int ranks = env_int("OMPI_COMM_WORLD_LOCAL_SIZE");
+  if (ranks == 0) {
+    if (const int cpus = env_int("SLURM_CPUS_PER_TASK"); cpus > 0) return cpus;
+    ranks = env_int("SLURM_NTASKS_PER_NODE");
+  }
+  return std::max(1, cores / std::max(1, ranks));
 }
 
 int Fail(int rank, const std::string& what, const strata::Status& s) {

@@ -3,20 +3,29 @@
 # Idempotent: when every package is already installed it does nothing and needs no network.
 set -euo pipefail
 
+# STRATA_DEPS=build installs only what building the binaries needs (the Docker images' build
+# stage: docker/Dockerfile*); the default adds the tests', benchmarks' and tooling's packages.
 PKGS=(
-  build-essential cmake ninja-build pkg-config clang-format
+  build-essential cmake ninja-build pkg-config
   libopenblas-openmp-dev
   protobuf-compiler libprotobuf-dev
   libyaml-cpp-dev libspdlog-dev libfmt-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
   librocksdb-dev
   libxxhash-dev
   libboost-dev libboost-program-options-dev
   libopenmpi-dev openmpi-bin
   libgloo-dev
-  python3 python3-torch python3-numpy
-  fortunes fortunes-min
 )
+if [ "${STRATA_DEPS:-all}" != "build" ]; then
+  PKGS+=(
+    clang-format
+    libgtest-dev libgmock-dev libbenchmark-dev
+    python3 python3-torch python3-numpy
+    fortunes fortunes-min
+    iproute2         # tests/netns_*.sh: network namespaces, veth pairs, a bridge
+    docker-compose   # tests/CMakeLists.txt compose_config: validates docker/compose.yaml
+  )
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -138,9 +138,9 @@ TEST(JobStoreTest, TransitionTableMatchesTheStateMachine) {
           R = proto::JOB_STATE_RUNNING, RC = proto::JOB_STATE_RECOVERING,
           OK = proto::JOB_STATE_SUCCEEDED, F = proto::JOB_STATE_FAILED,
           C = proto::JOB_STATE_CANCELLED;
-  const std::set<std::pair<S, S>> legal = {{P, PL}, {P, F},  {P, C},  {PL, R}, {PL, F},
-                                           {PL, C}, {R, RC}, {R, OK}, {R, F},  {R, C},
-                                           {RC, R}, {RC, F}, {RC, C}};
+  const std::set<std::pair<S, S>> legal = {{P, PL}, {P, F},   {P, C},  {PL, R}, {PL, F},
+                                           {PL, C}, {PL, RC}, {R, RC}, {R, OK}, {R, F},
+                                           {R, C},  {RC, R},  {RC, F}, {RC, C}};
   for (int from = 0; from <= 7; ++from) {
     for (int to = 0; to <= 7; ++to) {
       const auto f = static_cast<S>(from), t = static_cast<S>(to);

@@ -36,28 +36,46 @@ pid_t Spawn(const std::vector<std::string>& args) {
 struct Cluster {
   testing::ScratchDir dir;
   std::unique_ptr<coordinator::JobStore> store;
-  comm::TcpStoreServer rendezvous;
+  std::unique_ptr<comm::TcpStoreServer> rendezvous;
   std::unique_ptr<coordinator::ControlPlane> cp;
   std::vector<pid_t> workers;
 
+  int control_port = 0;
+
   explicit Cluster(int n) {
-    auto s = coordinator::JobStore::Open(dir.path() + "/state");
-    EXPECT_TRUE(s.ok()) << s.status().ToString();
-    store = std::move(*s);
-    EXPECT_TRUE(rendezvous.Start("127.0.0.1:0").ok());
-    coordinator::ControlPlaneOptions o;
-    o.checkpoint_root = dir.path() + "/ckpt";
-    o.heartbeat = std::chrono::milliseconds(100);
-    o.dead_after = std::chrono::milliseconds(1500);
-    auto c = coordinator::ControlPlane::Start(store.get(), &rendezvous, o);
-    EXPECT_TRUE(c.ok()) << c.status().ToString();
-    cp = std::move(*c);
+    StartCoordinator();
     for (int i = 0; i < n; ++i) {
       workers.push_back(
           Spawn({std::string(STRATA_BINARY_DIR) + "/bin/strata-worker", "--coordinator",
-                 fmt::format("127.0.0.1:{}", cp->port()), "--worker-id", fmt::format("w{}", i),
+                 fmt::format("127.0.0.1:{}", control_port), "--worker-id", fmt::format("w{}", i),
                  "--threads", "1", "--log-level", "warn"}));
     }
+  }
+
+  // Opens the store and starts the rendezvous store and control plane (again after
+  // StopCoordinator: same data dir, same control port, as a restarted daemon would).
+  void StartCoordinator() {
+    auto s = coordinator::JobStore::Open(dir.path() + "/state");
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    store = std::move(*s);
+    rendezvous = std::make_unique<comm::TcpStoreServer>();
+    ASSERT_TRUE(rendezvous->Start("127.0.0.1:0").ok());
+    coordinator::ControlPlaneOptions o;
+    o.listen = fmt::format("127.0.0.1:{}", control_port);
+    o.checkpoint_root = dir.path() + "/ckpt";
+    o.heartbeat = std::chrono::milliseconds(100);
+    o.dead_after = std::chrono::milliseconds(1500);
+    auto c = coordinator::ControlPlane::Start(store.get(), rendezvous.get(), o);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    cp = std::move(*c);
+    control_port = cp->port();
+  }
+  void StopCoordinator() {
+    cp->Stop();
+    cp.reset();
+    rendezvous->Stop();
+    rendezvous.reset();
+    store.reset();
   }
   ~Cluster() {
     for (pid_t p : workers) {
@@ -67,7 +85,7 @@ struct Cluster {
       int st = 0;
       ::waitpid(p, &st, 0);
     }
-    cp->Stop();
+    if (cp) cp->Stop();
   }
 
   // Waits until `pred(record)` holds or `seconds` pass; returns the last record.
@@ -146,6 +164,64 @@ TEST(Daemon, KilledWorkerIsReplacedAndTheJobSucceeds) {
   EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
   EXPECT_EQ(r.step(), 60);
   std::printf("re-planned %.2f s after kill -9\n", recovered_s);
+}
+
+// The busy worker's index, or -1.
+int BusyWorker(Cluster& c, const std::string& id) {
+  for (const coordinator::WorkerInfo& w : c.cp->List()) {
+    if (w.job_id == id) return std::stoi(w.id.substr(1));
+  }
+  return -1;
+}
+
+TEST(Daemon, CoordinatorRestartMidJobContinuesTheJob) {
+  Cluster c(2);
+  const std::string text = testing::WriteText(c.dir.path() + "/in.txt", 20000);
+  auto sub = c.store->Submit(Job(text, 2, 50), "");
+  ASSERT_TRUE(sub.ok());
+  const std::string id = sub->job.id();
+  proto::JobRecord r = c.WaitFor(
+      id, [](const proto::JobRecord& j) { return j.step() >= 10; }, 120);
+  ASSERT_GE(r.step(), 10);
+  const int64_t generation = r.generation();
+  c.StopCoordinator();  // what kill -9 does to the coordinator's sockets; the store is synced
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  c.StartCoordinator();
+  r = c.WaitFor(
+      id, [](const proto::JobRecord& j) { return coordinator::IsTerminal(j.state()); }, 180);
+  EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
+  EXPECT_GT(r.generation(), generation);
+  EXPECT_EQ(r.step(), 50);
+  // The same worker processes ran it: none exited.
+  for (pid_t p : c.workers) EXPECT_EQ(::kill(p, 0), 0);
+}
+
+TEST(Daemon, PausedWorkerIsEvictedAndItsLateMessagesDoNotCount) {
+  Cluster c(3);
+  const std::string text = testing::WriteText(c.dir.path() + "/in.txt", 20000);
+  auto sub = c.store->Submit(Job(text, 2, 50), "");
+  ASSERT_TRUE(sub.ok());
+  const std::string id = sub->job.id();
+  proto::JobRecord r = c.WaitFor(
+      id, [](const proto::JobRecord& j) { return j.step() >= 10; }, 120);
+  ASSERT_GE(r.step(), 10);
+  const int64_t generation = r.generation();
+  const int victim = BusyWorker(c, id);
+  ASSERT_GE(victim, 0);
+  ASSERT_EQ(::kill(c.workers[victim], SIGSTOP), 0);
+  r = c.WaitFor(
+      id,
+      [&](const proto::JobRecord& j) {
+        return j.state() == proto::JOB_STATE_RUNNING && j.generation() > generation;
+      },
+      60);
+  EXPECT_GT(r.generation(), generation) << "missed heartbeats must evict the paused worker";
+  ASSERT_EQ(::kill(c.workers[victim], SIGCONT), 0);  // it wakes up in an older generation
+  r = c.WaitFor(
+      id, [](const proto::JobRecord& j) { return coordinator::IsTerminal(j.state()); }, 180);
+  EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
+  EXPECT_EQ(r.step(), 50);
+  EXPECT_EQ(r.restarts(), 1) << "the woken worker's stale reports must not trigger anything";
 }
 
 }  // namespace

@@ -25,6 +25,7 @@ CheckpointSaver::CheckpointSaver(SaverOptions options) : options_(std::move(opti
 }
 
 CheckpointSaver::~CheckpointSaver() {
+  cancel_.store(true);
   if (thread_.joinable()) thread_.join();
 }
 
@@ -65,7 +66,8 @@ void CheckpointSaver::Run(proto::Manifest manifest, std::vector<SaveItem> items)
   Status s = [&]() -> Status {
     ASSIGN_OR_RETURN(
         std::unique_ptr<checkpoint::ShardWriter> w,
-        checkpoint::ShardWriter::Create(options_.storage, options_.root, step, options_.rank));
+        checkpoint::ShardWriter::Create(options_.storage, options_.root, step, options_.rank,
+                                        checkpoint::kDefaultChunkBytes, options_.tag));
     for (const SaveItem& it : items) {
       RETURN_IF_ERROR(w->Add({it.tensor, it.layout, it.data}));
     }
@@ -73,7 +75,8 @@ void CheckpointSaver::Run(proto::Manifest manifest, std::vector<SaveItem> items)
     return w->Finish();
   }();
   if (!s.ok()) {
-    checkpoint::ReportSaveFailed(*options_.storage, options_.root, step, options_.rank, s);
+    checkpoint::ReportSaveFailed(*options_.storage, options_.root, step, options_.rank, s,
+                                 options_.tag);
     s = Status(s.code(), fmt::format("checkpoint step {}: rank {} could not write its shards: {}",
                                      step, options_.rank, s.message()));
   }
@@ -81,7 +84,8 @@ void CheckpointSaver::Run(proto::Manifest manifest, std::vector<SaveItem> items)
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (s.ok() && options_.commit) {
     s = checkpoint::CommitWhenDurable(options_.storage, options_.root, manifest, options_.world,
-                                      options_.commit_timeout);
+                                      options_.commit_timeout, &cancel_, options_.tag,
+                                      options_.fence);
     if (s.ok()) {
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -126,6 +130,7 @@ Status CheckpointSaver::Save(const proto::Manifest& manifest, const std::vector<
     std::lock_guard<std::mutex> lock(mu_);
     done_ = false;
   }
+  cancel_.store(false);
   if (options_.async) {
     thread_ = std::thread(&CheckpointSaver::Run, this, manifest, std::move(own));
   } else {

@@ -13,8 +13,10 @@
 // the trainer decides whether it stops training (checkpoint.stop_on_error).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -46,12 +48,18 @@ struct SaverOptions {
   bool async = true;
   checkpoint::RetentionPolicy retention;
   std::chrono::milliseconds commit_timeout{600000};
+  std::string tag;  // instance tag (checkpoint/store.h InstanceName); daemon mode: "g<generation>"
+  // Checked right before a commit and before retention deletes anything; an error skips both
+  // (daemon mode: the rank's generation is no longer current).
+  std::function<Status()> fence;
 };
 
 class CheckpointSaver {
  public:
   explicit CheckpointSaver(SaverOptions options);
-  ~CheckpointSaver();  // waits for the save in flight
+  // Waits for the save in flight to be written, but not for peers that never report: a commit
+  // still waiting for other ranks is cancelled (the checkpoint stays uncommitted).
+  ~CheckpointSaver();
   CheckpointSaver(const CheckpointSaver&) = delete;
   CheckpointSaver& operator=(const CheckpointSaver&) = delete;
 
@@ -70,6 +78,9 @@ class CheckpointSaver {
   // Non-blocking: the status of a finished, unreported save, or OK.
   Status Poll();
   int64_t last_committed_step() const;
+  // Ends a commit that is waiting for other ranks (CANCELLED; nothing committed) — for a rank
+  // being aborted, whose peers may be gone. Thread-safe; later saves are not affected.
+  void CancelCommitWait() { cancel_.store(true); }
 
  private:
   void Run(proto::Manifest manifest, std::vector<SaveItem> items);  // background or inline
@@ -78,6 +89,7 @@ class CheckpointSaver {
   SaverOptions options_;
   std::vector<float> staging_;
   std::thread thread_;
+  std::atomic<bool> cancel_{false};
   mutable std::mutex mu_;
   bool done_ = true;         // GUARDED_BY(mu_)
   bool unreported_ = false;  // GUARDED_BY(mu_)

@@ -63,6 +63,7 @@ class RankRunner {
       std::lock_guard<std::mutex> lock(mu_);
       stop_.store(true);
       for (comm::ProcessGroup* g : groups_) g->Abort();
+      if (trainer_ != nullptr) trainer_->CancelCheckpointCommitWait();
     }
     if (thread_.joinable()) thread_.join();
     std::lock_guard<std::mutex> lock(mu_);
@@ -117,7 +118,8 @@ class RankRunner {
     std::string host;
     int port = 0;
     RETURN_IF_ERROR(wire::SplitHostPort(store_addr_, &host, &port, "store address"));
-    ASSIGN_OR_RETURN(std::shared_ptr<comm::Store> store, comm::ConnectTcpStore(host, port, so));
+    ASSIGN_OR_RETURN(std::shared_ptr<comm::TcpStoreClient> store,
+                     comm::ConnectTcpStoreClient(host, port, so));
     comm::GlooOptions go;
     go.hostname = options_.host;
     go.name = "world";
@@ -139,6 +141,12 @@ class RankRunner {
     opt.tp_group = groups.tp.get();
     opt.pp_group = groups.pp.get();
     opt.comm_timeout = options_.collective_timeout;
+    opt.checkpoint_tag = fmt::format("g{}", a.generation());
+    // The rendezvous store refuses a fenced-out generation: ask it before committing.
+    opt.checkpoint_fence = [store]() -> Status {
+      Result<bool> r = store->Check({"world/rank_0"});
+      return r.ok() ? Status::Ok() : r.status();
+    };
     if (a.rank() == 0) {
       opt.on_step = [&](const StepStats& st) {
         proto::ControlMessage m;
@@ -153,6 +161,18 @@ class RankRunner {
       };
     }
     ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(a.job(), opt));
+    struct Registered {  // trainer_ points at the trainer while it exists
+      RankRunner* r;
+      ~Registered() {
+        std::lock_guard<std::mutex> lock(r->mu_);
+        r->trainer_ = nullptr;
+      }
+    } registered{this};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      trainer_ = trainer.get();
+      if (stop_.load()) return Cancelled("aborted before training");
+    }
     ASSIGN_OR_RETURN(const int64_t start, trainer->StartCheckpoints(a.resume()));
     if (a.rank() == 0) {
       spdlog::info("{} generation {}: rank 0 of {} (dp {} tp {} pp {}), starting at step {}",
@@ -178,6 +198,7 @@ class RankRunner {
   std::string job_;                          // GUARDED_BY(mu_)
   int64_t generation_ = 0;                   // GUARDED_BY(mu_)
   std::vector<comm::ProcessGroup*> groups_;  // GUARDED_BY(mu_)
+  Trainer* trainer_ = nullptr;               // GUARDED_BY(mu_)
 };
 
 // One registration: returns when the connection is lost or *stop.

@@ -5,9 +5,12 @@ namespace {
 
 comm::ElemType ToElemType(model::DType t) {
   switch (t) {
-    case model::DType::kF32: return comm::ElemType::kF32;
-    case model::DType::kBF16: return comm::ElemType::kBF16;
-    case model::DType::kF16: return comm::ElemType::kF16;
+    case model::DType::kF32:
+      return comm::ElemType::kF32;
+    case model::DType::kBF16:
+      return comm::ElemType::kBF16;
+    case model::DType::kF16:
+      return comm::ElemType::kF16;
   }
   return comm::ElemType::kF32;
 }

@@ -116,6 +116,8 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
     so.retention.keep_last = ck.keep();
     so.retention.keep_every = ck.keep_every();
     so.commit_timeout = std::chrono::seconds(ck.commit_timeout_s());
+    so.tag = options.checkpoint_tag;
+    so.fence = options.checkpoint_fence;
     t->saver_ = std::make_unique<CheckpointSaver>(std::move(so));
     size_t floats = 0;
     for (const SaveItem& it : t->CheckpointItems()) {
@@ -125,7 +127,6 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   }
   return t;
 }
-
 
 Status Trainer::InitFrom(const std::string& path) {
   ASSIGN_OR_RETURN(checkpoint::SafetensorsFile file, checkpoint::ReadSafetensors(path));

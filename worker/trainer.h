@@ -62,6 +62,10 @@ struct TrainOptions {
   // innermost, then PP, then DP); world rank 0 commits unless `external_commit` (daemon mode:
   // the coordinator commits).
   bool external_commit = false;
+  // Tags this run's checkpoint instances (daemon mode: the generation), see SaverOptions::tag.
+  std::string checkpoint_tag;
+  // See SaverOptions::fence.
+  std::function<Status()> checkpoint_fence;
   // Called by Run after every step (daemon mode: step reports to the coordinator).
   std::function<void(const StepStats&)> on_step;
   // The file system checkpoints go through (tests pass a fault-injecting one).
@@ -144,6 +148,10 @@ class Trainer {
   Status SaveCheckpoint(double* stall_seconds = nullptr);
   // Waits for the save in flight (and its commit on the committing rank).
   Status WaitForCheckpoint();
+  // For a rank being aborted from another thread: a commit waiting for peers gives up.
+  void CancelCheckpointCommitWait() {
+    if (saver_) saver_->CancelCommitWait();
+  }
 
   model::Gpt& model() { return *model_; }
   MemoryReport Memory() const;
