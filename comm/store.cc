@@ -17,12 +17,11 @@
 #include <thread>
 
 #include "comm/backend_util.h"
+#include "comm/store_util.h"
 
 namespace strata::comm {
 
-namespace {
-
-Status KeyTimeout(const std::vector<std::string>& missing, std::chrono::milliseconds timeout) {
+Status StoreKeyTimeout(const std::vector<std::string>& missing, std::chrono::milliseconds timeout) {
   std::string keys;
   for (size_t i = 0; i < missing.size() && i < 8; ++i) {
     keys += i ? ", '" : "'";
@@ -35,7 +34,7 @@ Status KeyTimeout(const std::vector<std::string>& missing, std::chrono::millisec
                     " not set after " + std::to_string(timeout.count()) + " ms");
 }
 
-Result<int64_t> ParseCounter(const std::string& key, const std::string& v) {
+Result<int64_t> ParseStoreCounter(const std::string& key, const std::string& v) {
   if (v.empty()) return int64_t{0};
   try {
     size_t used = 0;
@@ -45,6 +44,8 @@ Result<int64_t> ParseCounter(const std::string& key, const std::string& v) {
   }
   return InvalidArgument("store: Add on key '" + key + "' whose value is not an integer");
 }
+
+namespace {
 
 class HashStore final : public Store {
  public:
@@ -59,7 +60,7 @@ class HashStore final : public Store {
     std::unique_lock<std::mutex> lock(mu_);
     if (!cv_.wait_until(lock, internal::DeadlineAfter(timeout),
                         [&] { return map_.count(key) > 0; })) {
-      return KeyTimeout({key}, timeout);
+      return StoreKeyTimeout({key}, timeout);
     }
     return map_[key];
   }
@@ -77,12 +78,12 @@ class HashStore final : public Store {
     for (const auto& k : keys) {
       if (!map_.count(k)) missing.push_back(k);
     }
-    return KeyTimeout(missing, timeout);
+    return StoreKeyTimeout(missing, timeout);
   }
 
   Result<int64_t> Add(const std::string& key, int64_t delta) override {
     std::lock_guard<std::mutex> lock(mu_);
-    ASSIGN_OR_RETURN(int64_t v, ParseCounter(key, map_[key]));
+    ASSIGN_OR_RETURN(int64_t v, ParseStoreCounter(key, map_[key]));
     v += delta;
     map_[key] = std::to_string(v);
     cv_.notify_all();
@@ -137,7 +138,7 @@ class FileStore final : public Store {
         if (!std::filesystem::exists(Path(k), ec)) missing.push_back(k);
       }
       if (missing.empty()) return Status();
-      if (std::chrono::steady_clock::now() >= deadline) return KeyTimeout(missing, timeout);
+      if (std::chrono::steady_clock::now() >= deadline) return StoreKeyTimeout(missing, timeout);
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
   }
@@ -156,7 +157,7 @@ class FileStore final : public Store {
     }
     std::string old;
     Read(Path(key), &old);
-    Result<int64_t> v = ParseCounter(key, old);
+    Result<int64_t> v = ParseStoreCounter(key, old);
     Status s = v.ok() ? WriteAtomically(Path(key), std::to_string(*v + delta)) : v.status();
     ::flock(fd, LOCK_UN);
     ::close(fd);

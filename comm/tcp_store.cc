@@ -43,6 +43,7 @@
 #include <thread>
 
 #include "comm/backend_util.h"
+#include "comm/store_util.h"
 #include "common/logging.h"
 
 namespace strata::comm {
@@ -195,29 +196,6 @@ std::string Frame(const std::string& payload) {
 }
 
 // ---- shared semantics (the same messages as MakeHashStore's) ----
-
-Status KeyTimeout(const std::vector<std::string>& missing, milliseconds timeout) {
-  std::string keys;
-  for (size_t i = 0; i < missing.size() && i < 8; ++i) {
-    keys += i ? ", '" : "'";
-    keys += missing[i];
-    keys += '\'';
-  }
-  if (missing.size() > 8) keys += ", ... (" + std::to_string(missing.size()) + " keys)";
-  return DeadlineExceeded("store: key" + std::string(missing.size() > 1 ? "s " : " ") + keys +
-                          " not set after " + std::to_string(timeout.count()) + " ms");
-}
-
-Result<int64_t> ParseCounter(const std::string& key, const std::string& v) {
-  if (v.empty()) return int64_t{0};
-  try {
-    size_t used = 0;
-    const long long x = std::stoll(v, &used);
-    if (used == v.size()) return static_cast<int64_t>(x);
-  } catch (const std::exception&) {
-  }
-  return InvalidArgument("store: Add on key '" + key + "' whose value is not an integer");
-}
 
 bool ValidJob(const std::string& job) { return !job.empty() && job.find('/') == std::string::npos; }
 
@@ -594,7 +572,7 @@ class TcpStoreServer::Impl {
     auto it = kv_.find(full);
     int64_t v = 0;
     if (it != kv_.end()) {
-      ASSIGN_OR_RETURN(v, ParseCounter(key, it->second));
+      ASSIGN_OR_RETURN(v, ParseStoreCounter(key, it->second));
     }
     int64_t sum = 0;
     if (__builtin_add_overflow(v, delta, &sum)) {
@@ -647,7 +625,7 @@ class TcpStoreServer::Impl {
         if (!kv_.count(w->keys[i])) missing.push_back(w->names[i]);
       }
     }
-    Finish(w, KeyTimeout(missing, w->timeout));
+    Finish(w, StoreKeyTimeout(missing, w->timeout));
   }
 
   void Finish(const std::shared_ptr<Waiter>& w, const Status& s, const std::string& fields = "") {
