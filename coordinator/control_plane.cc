@@ -99,7 +99,13 @@ struct ControlPlane::Impl {
   std::mutex mu;
   std::map<std::string, Worker> workers;  // GUARDED_BY(mu)
   std::map<std::string, Active> active;   // GUARDED_BY(mu)
-  std::vector<std::thread> readers;       // GUARDED_BY(mu)
+  // One thread per worker connection; finished ones are joined when the next one is accepted,
+  // so reconnecting workers do not accumulate threads.
+  struct Reader {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<Reader> readers;  // GUARDED_BY(mu)
 
   void Send(const std::string& worker_id, const proto::ControlMessage& m) {
     int fd;
@@ -135,7 +141,20 @@ struct ControlPlane::Impl {
         continue;
       }
       std::lock_guard<std::mutex> lock(mu);
-      readers.emplace_back([this, fd] { Serve(fd); });
+      for (auto it = readers.begin(); it != readers.end();) {
+        if (!it->done->load()) {
+          ++it;
+          continue;
+        }
+        it->thread.join();
+        it = readers.erase(it);
+      }
+      auto done = std::make_shared<std::atomic<bool>>(false);
+      readers.push_back({std::thread([this, fd, done] {
+                           Serve(fd);
+                           done->store(true);
+                         }),
+                         done});
     }
   }
 
@@ -504,7 +523,7 @@ void ControlPlane::Stop() {
   ::close(m.listen_fd);
   if (m.acceptor.joinable()) m.acceptor.join();
   if (m.scheduler.joinable()) m.scheduler.join();
-  std::vector<std::thread> readers;
+  std::vector<Impl::Reader> readers;
   {
     std::lock_guard<std::mutex> lock(m.mu);
     for (auto& [id, w] : m.workers) {
@@ -512,7 +531,7 @@ void ControlPlane::Stop() {
     }
     readers.swap(m.readers);
   }
-  for (std::thread& t : readers) t.join();
+  for (Impl::Reader& r : readers) r.thread.join();
 }
 
 int ControlPlane::port() const { return impl_->port; }

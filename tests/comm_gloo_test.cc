@@ -307,46 +307,14 @@ TEST(Gloo, InvalidArguments) {
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
 }
 
-// The Store implementations themselves.
-void StoreContract(Store& s) {
-  ASSERT_TRUE(s.Set("a/b c", std::string("v\0x", 3)).ok());
-  auto v = s.Get("a/b c", milliseconds(100));
-  ASSERT_TRUE(v.ok());
-  EXPECT_EQ(*v, std::string("v\0x", 3));
-  auto missing = s.Get("nope", milliseconds(30));
-  EXPECT_EQ(missing.status().code(), StatusCode::kDeadlineExceeded);
-  EXPECT_HAS(missing.status().message(), "store: key 'nope' not set after 30 ms");
-  Status w = s.Wait({"a/b c", "k1", "k2"}, milliseconds(30));
-  EXPECT_EQ(w.code(), StatusCode::kDeadlineExceeded);
-  EXPECT_HAS(w.message(), "'k1', 'k2'");
-  std::thread setter([&] {
-    std::this_thread::sleep_for(milliseconds(50));
-    ASSERT_TRUE(s.Set("late", "1").ok());
-  });
-  EXPECT_TRUE(s.Wait({"late"}, milliseconds(5000)).ok());
-  setter.join();
-  // Add is atomic across threads.
-  std::vector<std::thread> adders;
-  for (int i = 0; i < 4; ++i) {
-    adders.emplace_back([&] {
-      for (int k = 0; k < 25; ++k) ASSERT_TRUE(s.Add("counter", 1).ok());
-    });
-  }
-  for (auto& t : adders) t.join();
-  auto total = s.Add("counter", 0);
-  ASSERT_TRUE(total.ok());
-  EXPECT_EQ(*total, 100);
-  EXPECT_EQ(*s.Get("counter", milliseconds(10)), "100");
-  EXPECT_EQ(s.Add("a/b c", 1).status().code(), StatusCode::kInvalidArgument);
-}
-
-TEST(Store, HashStore) { StoreContract(*MakeHashStore()); }
+// The Store implementations themselves (the contract: tests/comm_test_util.h).
+TEST(Store, HashStore) { testing::StoreContract(*MakeHashStore()); }
 
 TEST(Store, FileStore) {
   strata::testing::ScratchDir dir;
   auto s = MakeFileStore(dir.path() + "/nested/store");
   ASSERT_TRUE(s.ok()) << s.status().ToString();
-  StoreContract(**s);
+  testing::StoreContract(**s);
   // A second store object over the same directory (another process, say) sees the keys.
   auto t = MakeFileStore(dir.path() + "/nested/store");
   ASSERT_TRUE(t.ok());

@@ -15,6 +15,7 @@
 
 #include "comm/gloo.h"
 #include "comm/tcp_store.h"
+#include "tests/comm_test_util.h"
 #include "tests/test_util.h"
 
 namespace strata::comm {
@@ -54,46 +55,11 @@ class Served {
   TcpStoreServer server_;
 };
 
-// ---- the Store contract (the same checks as MakeHashStore's in comm_gloo_test.cc) ----
-
-void StoreContract(Store& s) {
-  ASSERT_TRUE(s.Set("a/b c", std::string("v\0x", 3)).ok());
-  auto v = s.Get("a/b c", milliseconds(100));
-  ASSERT_TRUE(v.ok());
-  EXPECT_EQ(*v, std::string("v\0x", 3));
-  auto missing = s.Get("nope", milliseconds(30));
-  EXPECT_EQ(missing.status().code(), StatusCode::kDeadlineExceeded);
-  EXPECT_HAS(missing.status().message(), "store: key 'nope' not set after 30 ms");
-  Status w = s.Wait({"a/b c", "k1", "k2"}, milliseconds(30));
-  EXPECT_EQ(w.code(), StatusCode::kDeadlineExceeded);
-  EXPECT_HAS(w.message(), "'k1', 'k2'");
-  // Another thread's Set on the same client is not held up by this thread's Wait.
-  std::thread setter([&] {
-    std::this_thread::sleep_for(milliseconds(50));
-    ASSERT_TRUE(s.Set("late", "1").ok());
-  });
-  EXPECT_TRUE(s.Wait({"late"}, milliseconds(5000)).ok());
-  setter.join();
-  std::vector<std::thread> adders;
-  for (int i = 0; i < 4; ++i) {
-    adders.emplace_back([&] {
-      for (int k = 0; k < 25; ++k) ASSERT_TRUE(s.Add("counter", 1).ok());
-    });
-  }
-  for (auto& t : adders) t.join();
-  auto total = s.Add("counter", 0);
-  ASSERT_TRUE(total.ok());
-  EXPECT_EQ(*total, 100);
-  EXPECT_EQ(*s.Get("counter", milliseconds(10)), "100");
-  EXPECT_EQ(s.Add("a/b c", 1).status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(*s.Add("neg", -5), -5);
-}
-
 TEST(TcpStore, StoreContract) {
   Served served;
   auto store = ConnectTcpStore("127.0.0.1", served.port());
   ASSERT_TRUE(store.ok()) << store.status().ToString();
-  StoreContract(**store);
+  testing::StoreContract(**store);
 }
 
 TEST(TcpStore, StoreContractOverHostName) {
@@ -102,7 +68,7 @@ TEST(TcpStore, StoreContractOverHostName) {
   o.job = "by-name";
   auto store = ConnectTcpStore("localhost", served.port(), o);
   if (!store.ok()) GTEST_SKIP() << "localhost does not resolve here: " << store.status().ToString();
-  StoreContract(**store);
+  testing::StoreContract(**store);
 }
 
 // Many threads park waits on one client; the keys are set in reverse order, so replies come

@@ -18,6 +18,7 @@
 
 #include "comm/elementwise.h"
 #include "comm/process_group.h"
+#include "comm/store.h"
 #include "model/dtype.h"
 
 namespace strata::comm::testing {
@@ -360,5 +361,43 @@ inline void CheckManyInFlight(int r, ProcessGroup& g) {
 }
 
 inline void ManyInFlightSuite(Backend& b, int n) { RunRanks(b, n, CheckManyInFlight); }
+
+// The Store contract every implementation (hash, file, TCP) must meet: values are bytes, Get and
+// Wait time out naming the missing keys, a Set from another thread ends a Wait (on the same
+// client), Add is atomic across threads and refuses non-integers.
+inline void StoreContract(Store& s) {
+  ASSERT_TRUE(s.Set("a/b c", std::string("v\0x", 3)).ok());
+  auto v = s.Get("a/b c", std::chrono::milliseconds(100));
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, std::string("v\0x", 3));
+  auto missing = s.Get("nope", std::chrono::milliseconds(30));
+  EXPECT_EQ(missing.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_NE(missing.status().message().find("store: key 'nope' not set after 30 ms"),
+            std::string::npos)
+      << missing.status().message();
+  Status w = s.Wait({"a/b c", "k1", "k2"}, std::chrono::milliseconds(30));
+  EXPECT_EQ(w.code(), StatusCode::kDeadlineExceeded);
+  EXPECT_NE(w.message().find("'k1', 'k2'"), std::string::npos) << w.message();
+  // Another thread's Set on the same client is not held up by this thread's Wait.
+  std::thread setter([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    ASSERT_TRUE(s.Set("late", "1").ok());
+  });
+  EXPECT_TRUE(s.Wait({"late"}, std::chrono::milliseconds(5000)).ok());
+  setter.join();
+  std::vector<std::thread> adders;
+  for (int i = 0; i < 4; ++i) {
+    adders.emplace_back([&] {
+      for (int k = 0; k < 25; ++k) ASSERT_TRUE(s.Add("counter", 1).ok());
+    });
+  }
+  for (auto& t : adders) t.join();
+  auto total = s.Add("counter", 0);
+  ASSERT_TRUE(total.ok());
+  EXPECT_EQ(*total, 100);
+  EXPECT_EQ(*s.Get("counter", std::chrono::milliseconds(10)), "100");
+  EXPECT_EQ(s.Add("a/b c", 1).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(*s.Add("neg", -5), -5);
+}
 
 }  // namespace strata::comm::testing

@@ -89,6 +89,26 @@ struct Cluster {
   }
 
   // Waits until `pred(record)` holds or `seconds` pass; returns the last record.
+  // Submits a 2-worker job of `steps` steps on fresh text; returns its id ("" on failure).
+  std::string Submit(int steps);
+  proto::JobRecord WaitForStep(const std::string& id, int64_t step) {
+    return WaitFor(
+        id, [&](const proto::JobRecord& j) { return j.step() >= step; }, 120);
+  }
+  proto::JobRecord WaitForEnd(const std::string& id) {
+    return WaitFor(
+        id, [](const proto::JobRecord& j) { return coordinator::IsTerminal(j.state()); }, 180);
+  }
+  // RUNNING again in a generation after `generation` (a recovery finished).
+  proto::JobRecord WaitForRecovery(const std::string& id, int64_t generation) {
+    return WaitFor(
+        id,
+        [&](const proto::JobRecord& j) {
+          return j.state() == proto::JOB_STATE_RUNNING && j.generation() > generation;
+        },
+        60);
+  }
+
   template <typename Pred>
   proto::JobRecord WaitFor(const std::string& id, Pred pred, int seconds) {
     const auto end = Clock::now() + std::chrono::seconds(seconds);
@@ -117,53 +137,11 @@ proto::JobSpec Job(const std::string& text, int workers, int steps) {
       text, steps, workers));
 }
 
-TEST(Daemon, JobRunsToSuccessOnWorkers) {
-  Cluster c(2);
-  const std::string text = testing::WriteText(c.dir.path() + "/in.txt", 20000);
-  auto sub = c.store->Submit(Job(text, 2, 12), "");
-  ASSERT_TRUE(sub.ok()) << sub.status().ToString();
-  const std::string id = sub->job.id();
-  const proto::JobRecord r = c.WaitFor(
-      id, [](const proto::JobRecord& j) { return coordinator::IsTerminal(j.state()); }, 120);
-  EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
-  EXPECT_EQ(r.step(), 12);
-  EXPECT_EQ(r.layout().dp(), 2);
-  EXPECT_EQ(r.restarts(), 0);
-}
-
-TEST(Daemon, KilledWorkerIsReplacedAndTheJobSucceeds) {
-  Cluster c(3);
-  const std::string text = testing::WriteText(c.dir.path() + "/in.txt", 20000);
-  auto sub = c.store->Submit(Job(text, 2, 60), "");
-  ASSERT_TRUE(sub.ok());
-  const std::string id = sub->job.id();
-  proto::JobRecord r = c.WaitFor(
-      id, [](const proto::JobRecord& j) { return j.step() >= 12; }, 120);
-  ASSERT_GE(r.step(), 12) << coordinator::JobStateName(r.state()) << " " << r.last_error();
-  const int64_t generation = r.generation();
-  // Kill one busy worker.
-  std::string victim;
-  for (const coordinator::WorkerInfo& w : c.cp->List()) {
-    if (w.job_id == id) victim = w.id;
-  }
-  ASSERT_FALSE(victim.empty());
-  const int index = std::stoi(victim.substr(1));
-  const auto killed_at = Clock::now();
-  ASSERT_EQ(::kill(c.workers[index], SIGKILL), 0);
-  r = c.WaitFor(
-      id,
-      [&](const proto::JobRecord& j) {
-        return j.state() == proto::JOB_STATE_RUNNING && j.generation() > generation;
-      },
-      60);
-  const double recovered_s = std::chrono::duration<double>(Clock::now() - killed_at).count();
-  EXPECT_GT(r.generation(), generation);
-  EXPECT_EQ(r.restarts(), 1);
-  r = c.WaitFor(
-      id, [](const proto::JobRecord& j) { return coordinator::IsTerminal(j.state()); }, 180);
-  EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
-  EXPECT_EQ(r.step(), 60);
-  std::printf("re-planned %.2f s after kill -9\n", recovered_s);
+std::string Cluster::Submit(int steps) {
+  const std::string text = testing::WriteText(dir.path() + "/in.txt", 20000);
+  auto sub = store->Submit(Job(text, 2, steps), "");
+  EXPECT_TRUE(sub.ok()) << sub.status().ToString();
+  return sub.ok() ? sub->job.id() : "";
 }
 
 // The busy worker's index, or -1.
@@ -174,21 +152,50 @@ int BusyWorker(Cluster& c, const std::string& id) {
   return -1;
 }
 
+TEST(Daemon, JobRunsToSuccessOnWorkers) {
+  Cluster c(2);
+  const std::string id = c.Submit(12);
+  ASSERT_FALSE(id.empty());
+  const proto::JobRecord r = c.WaitForEnd(id);
+  EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
+  EXPECT_EQ(r.step(), 12);
+  EXPECT_EQ(r.layout().dp(), 2);
+  EXPECT_EQ(r.restarts(), 0);
+}
+
+TEST(Daemon, KilledWorkerIsReplacedAndTheJobSucceeds) {
+  Cluster c(3);
+  const std::string id = c.Submit(60);
+  ASSERT_FALSE(id.empty());
+  proto::JobRecord r = c.WaitForStep(id, 12);
+  ASSERT_GE(r.step(), 12) << coordinator::JobStateName(r.state()) << " " << r.last_error();
+  const int64_t generation = r.generation();
+  // Kill one busy worker.
+  const int index = BusyWorker(c, id);
+  ASSERT_GE(index, 0);
+  const auto killed_at = Clock::now();
+  ASSERT_EQ(::kill(c.workers[index], SIGKILL), 0);
+  r = c.WaitForRecovery(id, generation);
+  const double recovered_s = std::chrono::duration<double>(Clock::now() - killed_at).count();
+  EXPECT_GT(r.generation(), generation);
+  EXPECT_EQ(r.restarts(), 1);
+  r = c.WaitForEnd(id);
+  EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
+  EXPECT_EQ(r.step(), 60);
+  std::printf("re-planned %.2f s after kill -9\n", recovered_s);
+}
+
 TEST(Daemon, CoordinatorRestartMidJobContinuesTheJob) {
   Cluster c(2);
-  const std::string text = testing::WriteText(c.dir.path() + "/in.txt", 20000);
-  auto sub = c.store->Submit(Job(text, 2, 50), "");
-  ASSERT_TRUE(sub.ok());
-  const std::string id = sub->job.id();
-  proto::JobRecord r = c.WaitFor(
-      id, [](const proto::JobRecord& j) { return j.step() >= 10; }, 120);
+  const std::string id = c.Submit(50);
+  ASSERT_FALSE(id.empty());
+  proto::JobRecord r = c.WaitForStep(id, 10);
   ASSERT_GE(r.step(), 10);
   const int64_t generation = r.generation();
   c.StopCoordinator();  // what kill -9 does to the coordinator's sockets; the store is synced
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   c.StartCoordinator();
-  r = c.WaitFor(
-      id, [](const proto::JobRecord& j) { return coordinator::IsTerminal(j.state()); }, 180);
+  r = c.WaitForEnd(id);
   EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
   EXPECT_GT(r.generation(), generation);
   EXPECT_EQ(r.step(), 50);
@@ -198,27 +205,18 @@ TEST(Daemon, CoordinatorRestartMidJobContinuesTheJob) {
 
 TEST(Daemon, PausedWorkerIsEvictedAndItsLateMessagesDoNotCount) {
   Cluster c(3);
-  const std::string text = testing::WriteText(c.dir.path() + "/in.txt", 20000);
-  auto sub = c.store->Submit(Job(text, 2, 50), "");
-  ASSERT_TRUE(sub.ok());
-  const std::string id = sub->job.id();
-  proto::JobRecord r = c.WaitFor(
-      id, [](const proto::JobRecord& j) { return j.step() >= 10; }, 120);
+  const std::string id = c.Submit(50);
+  ASSERT_FALSE(id.empty());
+  proto::JobRecord r = c.WaitForStep(id, 10);
   ASSERT_GE(r.step(), 10);
   const int64_t generation = r.generation();
   const int victim = BusyWorker(c, id);
   ASSERT_GE(victim, 0);
   ASSERT_EQ(::kill(c.workers[victim], SIGSTOP), 0);
-  r = c.WaitFor(
-      id,
-      [&](const proto::JobRecord& j) {
-        return j.state() == proto::JOB_STATE_RUNNING && j.generation() > generation;
-      },
-      60);
+  r = c.WaitForRecovery(id, generation);
   EXPECT_GT(r.generation(), generation) << "missed heartbeats must evict the paused worker";
   ASSERT_EQ(::kill(c.workers[victim], SIGCONT), 0);  // it wakes up in an older generation
-  r = c.WaitFor(
-      id, [](const proto::JobRecord& j) { return coordinator::IsTerminal(j.state()); }, 180);
+  r = c.WaitForEnd(id);
   EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
   EXPECT_EQ(r.step(), 50);
   EXPECT_EQ(r.restarts(), 1) << "the woken worker's stale reports must not trigger anything";
