@@ -1,5 +1,5 @@
-// CUDA versions of elementwise kernels from model/kernels/elementwise.h, fp32 only for now:
-// GELU (GPT-2 tanh form) forward and backward, and the residual add.
+// CUDA versions of elementwise kernels from model/kernels/elementwise.h: GELU (GPT-2 tanh form)
+// forward and backward, the residual add, bias add and bias gradient; fp32 and typed (T).
 //
 // Pointers are device pointers; `stream` is a cudaStream_t (nullptr = the default stream). The
 // launchers only queue work: an OK Status means the launch was accepted, and faults raised while
@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common/status.h"
+#include "model/dtype.h"
 
 namespace strata::model {
 
@@ -23,5 +24,19 @@ Status CudaGeluBackward(float* dinp, const float* inp, const float* dout, int64_
 
 // out = a + b; out may alias a.
 Status CudaResidualForward(float* out, const float* a, const float* b, int64_t n, void* stream);
+
+// Typed versions (T = `dtype`, computed in fp32, rounded to nearest even on store); the same
+// contracts as the CPU templates in model/kernels/elementwise.h.
+Status CudaGeluForwardT(void* out, const void* inp, int64_t n, DType dtype, void* stream);
+Status CudaGeluBackwardT(void* dinp, const void* inp, const void* dout, int64_t n, DType dtype,
+                         void* stream);
+// out (fp32) = a (fp32) + b (T); out may alias a.
+Status CudaResidualForwardT(float* out, const float* a, const void* b, int64_t n, DType dtype,
+                            void* stream);
+// x[r, :] (T) += bias (T), rows r in [0, n), c columns.
+Status CudaAddBias(void* x, const void* bias, int64_t n, int c, DType dtype, void* stream);
+// dbias[j] (fp32) += sum over rows r of dout[r, j] (T), rows summed in a fixed order.
+Status CudaBiasBackward(float* dbias, const void* dout, int64_t n, int c, DType dtype,
+                        void* stream);
 
 }  // namespace strata::model
