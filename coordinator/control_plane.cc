@@ -6,8 +6,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio.hpp>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -18,8 +21,25 @@
 namespace strata::coordinator {
 namespace {
 
+namespace asio = boost::asio;
+using asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
+
+// One worker connection. Every member is touched on the io thread only (the scheduler and API
+// threads reach a connection through asio::post).
+struct Conn {
+  explicit Conn(tcp::socket s) : sock(std::move(s)), hello_timer(sock.get_executor()) {}
+  tcp::socket sock;
+  asio::steady_timer hello_timer;
+  unsigned char len[4] = {};
+  std::string body;
+  std::deque<std::string> out;  // encoded frames waiting to be written
+  bool writing = false;
+  bool close_after_write = false;
+  bool closed = false;
+  std::string id;  // the worker id once its hello was accepted
+};
 
 bool ConstantTimeEqual(const std::string& a, const std::string& b) {
   unsigned char diff = a.size() == b.size() ? 0 : 1;
@@ -68,7 +88,7 @@ Result<Layout> PlannedLayout(const proto::JobSpec& spec, int workers) {
 
 struct ControlPlane::Impl {
   struct Worker {
-    int fd = -1;
+    std::shared_ptr<Conn> conn;
     std::string host, device;
     int64_t memory = 0;
     Clock::time_point last_beat;
@@ -76,7 +96,6 @@ struct ControlPlane::Impl {
     int64_t generation = 0;
     int rank = -1;
     bool dead = false;
-    std::shared_ptr<std::mutex> write_mu = std::make_shared<std::mutex>();
   };
   struct Active {
     int64_t generation = 0;
@@ -89,40 +108,38 @@ struct ControlPlane::Impl {
     bool waiting = false;
   };
 
+  // Declared first so that it is destroyed last: connections and pending handlers that refer to
+  // it go before it.
+  asio::io_context io{1};
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  std::optional<tcp::acceptor> acceptor;
+  std::optional<asio::steady_timer> accept_retry;
   JobStore* store = nullptr;
   comm::TcpStoreServer* rendezvous = nullptr;
   ControlPlaneOptions options;
-  int listen_fd = -1, port = 0;
+  int port = 0;
   std::atomic<bool> stopping{false};
   std::atomic<int64_t> recoveries{0};
-  std::thread acceptor, scheduler;
+  std::thread io_thread, scheduler;
   std::mutex mu;
   std::map<std::string, Worker> workers;  // GUARDED_BY(mu)
   std::map<std::string, Active> active;   // GUARDED_BY(mu)
-  // One thread per worker connection; finished ones are joined when the next one is accepted,
-  // so reconnecting workers do not accumulate threads.
-  struct Reader {
-    std::thread thread;
-    std::shared_ptr<std::atomic<bool>> done;
-  };
-  std::vector<Reader> readers;  // GUARDED_BY(mu)
+  // Every connection not yet known closed, registered or not (io thread only).
+  std::vector<std::weak_ptr<Conn>> conns;
 
+  // Queues `m` for the worker's connection (any thread). A worker whose connection fails is
+  // marked dead; the scheduler recovers its job.
   void Send(const std::string& worker_id, const proto::ControlMessage& m) {
-    int fd;
-    std::shared_ptr<std::mutex> wmu;
+    std::shared_ptr<Conn> conn;
     {
       std::lock_guard<std::mutex> lock(mu);
       auto it = workers.find(worker_id);
       if (it == workers.end() || it->second.dead) return;
-      fd = it->second.fd;
-      wmu = it->second.write_mu;
+      conn = it->second.conn;
     }
-    std::lock_guard<std::mutex> lock(*wmu);
-    if (!wire::WriteFrame(fd, m).ok()) {
-      std::lock_guard<std::mutex> l(mu);
-      auto it = workers.find(worker_id);
-      if (it != workers.end() && it->second.fd == fd) it->second.dead = true;
-    }
+    Result<std::string> frame = wire::EncodeFrame(m);
+    if (!frame.ok() || conn == nullptr) return;
+    asio::post(io, [this, conn, f = std::move(*frame)]() mutable { Queue(conn, std::move(f)); });
   }
 
   void Log(const std::string& job, const std::string& text) {
@@ -130,86 +147,167 @@ struct ControlPlane::Impl {
     (void)r;
   }
 
-  // ---- connections ----
+  // ---- connections (io thread) ----
 
   void Accept() {
-    while (!stopping.load()) {
-      const int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) {
-        if (stopping.load()) return;
-        std::this_thread::sleep_for(milliseconds(10));
-        continue;
+    acceptor->async_accept([this](const boost::system::error_code& ec, tcp::socket sock) {
+      if (stopping.load() || !acceptor->is_open()) return;
+      if (ec) {
+        // Out of descriptors or a transient error: try again shortly instead of spinning.
+        spdlog::warn("control plane: accept: {}", ec.message());
+        accept_retry->expires_after(milliseconds(50));
+        accept_retry->async_wait([this](const boost::system::error_code& e) {
+          if (!e) Accept();
+        });
+        return;
       }
-      std::lock_guard<std::mutex> lock(mu);
-      for (auto it = readers.begin(); it != readers.end();) {
-        if (!it->done->load()) {
-          ++it;
-          continue;
-        }
-        it->thread.join();
-        it = readers.erase(it);
-      }
-      auto done = std::make_shared<std::atomic<bool>>(false);
-      readers.push_back({std::thread([this, fd, done] {
-                           Serve(fd);
-                           done->store(true);
-                         }),
-                         done});
-    }
+      boost::system::error_code ignored;
+      sock.set_option(tcp::no_delay(true), ignored);
+      auto c = std::make_shared<Conn>(std::move(sock));
+      std::erase_if(conns, [](const std::weak_ptr<Conn>& w) {
+        auto p = w.lock();
+        return p == nullptr || p->closed;
+      });
+      conns.push_back(c);
+      c->hello_timer.expires_after(options.hello_timeout);
+      c->hello_timer.async_wait([this, c](const boost::system::error_code& e) {
+        if (!e && c->id.empty()) Close(c);  // too slow to introduce itself
+      });
+      ReadHeader(c);
+      Accept();
+    });
   }
 
-  void Serve(int fd) {
-    proto::ControlMessage m;
-    if (!wire::ReadFrame(fd, &m, milliseconds(5000)).ok() || !m.has_hello()) {
-      ::close(fd);  // garbage, a stranger or too slow: drop the connection, stay up
-      return;
+  void ReadHeader(const std::shared_ptr<Conn>& c) {
+    asio::async_read(c->sock, asio::buffer(c->len, 4),
+                     [this, c](const boost::system::error_code& ec, size_t) {
+                       if (ec) return Lost(c);
+                       const uint32_t n = c->len[0] | (c->len[1] << 8) | (c->len[2] << 16) |
+                                          (static_cast<uint32_t>(c->len[3]) << 24);
+                       if (n == 0 || n > wire::kMaxFrameBytes) return Drop(c, "frame length");
+                       c->body.resize(n);
+                       ReadBody(c);
+                     });
+  }
+
+  void ReadBody(const std::shared_ptr<Conn>& c) {
+    asio::async_read(c->sock, asio::buffer(c->body),
+                     [this, c](const boost::system::error_code& ec, size_t) {
+                       if (ec) return Lost(c);
+                       proto::ControlMessage m;
+                       if (!m.ParseFromString(c->body)) return Drop(c, "unparsable frame");
+                       c->body.clear();
+                       if (c->id.empty()) {
+                         if (!Hello(c, m)) return;
+                       } else {
+                         Handle(c, m);
+                       }
+                       if (!c->closed) ReadHeader(c);
+                     });
+  }
+
+  // A peer that breaks the protocol: drop the connection, stay up.
+  void Drop(const std::shared_ptr<Conn>& c, const char* what) {
+    spdlog::warn("control plane: dropping a connection{}: {}",
+                 c->id.empty() ? std::string() : " of worker " + c->id, what);
+    Lost(c);
+  }
+
+  // The connection is gone (or must go): close it and mark its worker dead.
+  void Lost(const std::shared_ptr<Conn>& c) {
+    Close(c);
+    if (c->id.empty()) return;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = workers.find(c->id);
+    if (it != workers.end() && it->second.conn == c) it->second.dead = true;
+  }
+
+  void Close(const std::shared_ptr<Conn>& c) {
+    if (c->closed) return;
+    c->closed = true;
+    boost::system::error_code ignored;
+    c->hello_timer.cancel();
+    c->sock.shutdown(tcp::socket::shutdown_both, ignored);
+    c->sock.close(ignored);
+  }
+
+  void Queue(const std::shared_ptr<Conn>& c, std::string frame) {
+    if (c->closed) return;
+    c->out.push_back(std::move(frame));
+    if (!c->writing) WriteNext(c);
+  }
+
+  void WriteNext(const std::shared_ptr<Conn>& c) {
+    c->writing = true;
+    asio::async_write(c->sock, asio::buffer(c->out.front()),
+                      [this, c](const boost::system::error_code& ec, size_t) {
+                        c->out.pop_front();
+                        if (ec) return Lost(c);
+                        if (!c->out.empty()) return WriteNext(c);
+                        c->writing = false;
+                        if (c->close_after_write) Close(c);
+                      });
+  }
+
+  void Reply(const std::shared_ptr<Conn>& c, const proto::ControlMessage& m) {
+    Result<std::string> frame = wire::EncodeFrame(m);
+    if (frame.ok()) Queue(c, std::move(*frame));
+  }
+
+  // The first frame of a connection. Returns false when the connection was refused.
+  bool Hello(const std::shared_ptr<Conn>& c, const proto::ControlMessage& m) {
+    if (!m.has_hello()) {
+      Drop(c, "first frame is not a WorkerHello");
+      return false;
     }
-    const proto::WorkerHello hello = m.hello();
+    const proto::WorkerHello& hello = m.hello();
     proto::ControlMessage reply;
     proto::HelloReply* r = reply.mutable_hello_reply();
     if (!ConstantTimeEqual(hello.secret(), options.secret) || hello.worker_id().empty()) {
       r->set_ok(false);
       r->set_error(hello.worker_id().empty() ? "worker_id is empty" : "wrong control-plane secret");
-      (void)wire::WriteFrame(fd, reply);
-      ::close(fd);
-      return;
+      Reply(c, reply);
+      c->close_after_write = true;
+      return false;
     }
     const std::string id = hello.worker_id();
+    c->id = id;
+    c->hello_timer.cancel();
+    std::shared_ptr<Conn> replaced;
     {
       std::lock_guard<std::mutex> lock(mu);
       Worker& w = workers[id];
-      if (w.fd >= 0 && !w.dead) ::shutdown(w.fd, SHUT_RDWR);  // a re-registration replaces it
+      if (w.conn != nullptr && w.conn != c) replaced = w.conn;  // a re-registration replaces it
       w = Worker();
-      w.fd = fd;
+      w.conn = c;
       w.host = hello.host();
       w.device = hello.device();
       w.memory = hello.memory_bytes();
       w.last_beat = Clock::now();
     }
+    if (replaced) Close(replaced);
     r->set_ok(true);
     r->set_heartbeat_ms(static_cast<int32_t>(options.heartbeat.count()));
     r->set_store_host(options.store_host);
     r->set_store_port(rendezvous->port());
-    Send(id, reply);
+    Reply(c, reply);
     spdlog::info("worker {} registered ({} at {})", id, hello.device(), hello.host());
-    while (!stopping.load()) {
-      proto::ControlMessage in;
-      Status s = wire::ReadFrame(fd, &in, milliseconds(500));
-      if (s.code() == StatusCode::kDeadlineExceeded) continue;
-      if (!s.ok()) break;
-      Handle(id, fd, in);
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = workers.find(id);
-    if (it != workers.end() && it->second.fd == fd) it->second.dead = true;
-    ::close(fd);
+    return true;
   }
 
-  void Handle(const std::string& id, int fd, const proto::ControlMessage& in) {
+  void Handle(const std::shared_ptr<Conn>& c, const proto::ControlMessage& in) {
+    const std::string& id = c->id;
     if (in.has_heartbeat()) {
-      std::lock_guard<std::mutex> lock(mu);
-      auto it = workers.find(id);
-      if (it != workers.end() && it->second.fd == fd) it->second.last_beat = Clock::now();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = workers.find(id);
+        if (it != workers.end() && it->second.conn == c) it->second.last_beat = Clock::now();
+      }
+      if (in.heartbeat().want_ack()) {
+        proto::ControlMessage ack;
+        ack.mutable_heartbeat_ack()->set_seq(in.heartbeat().seq());
+        Reply(c, ack);
+      }
     } else if (in.has_step()) {
       const proto::StepReport& s = in.step();
       Status st = store->ReportProgress(s.job_id(), s.generation(),
@@ -375,7 +473,9 @@ struct ControlPlane::Impl {
                      : std::string("disconnected"));
           spdlog::warn("{}", why);
           if (!w.job.empty()) lost.push_back({w.job, why});
-          if (w.fd >= 0) ::shutdown(w.fd, SHUT_RDWR);
+          if (w.conn != nullptr) {
+            asio::post(io, [this, c = w.conn] { Close(c); });
+          }
           it = workers.erase(it);
         } else {
           ++it;
@@ -469,6 +569,25 @@ struct ControlPlane::Impl {
     }
   }
 
+  // Listens on options.listen and starts the io thread.
+  Status StartIo() {
+    ASSIGN_OR_RETURN(const int fd, wire::Listen(options.listen, &port));
+    // A large backlog: thousands of workers may (re)connect at once after a coordinator restart.
+    ::listen(fd, 4096);
+    acceptor.emplace(io);
+    boost::system::error_code ec;
+    acceptor->assign(tcp::v4(), fd, ec);
+    if (ec) {
+      ::close(fd);
+      return Internal(fmt::format("control plane: {}", ec.message()));
+    }
+    accept_retry.emplace(io);
+    work.emplace(io.get_executor());
+    asio::post(io, [this] { Accept(); });
+    io_thread = std::thread([this] { io.run(); });
+    return Status::Ok();
+  }
+
   void Schedule() {
     while (!stopping.load()) {
       Tick();
@@ -508,8 +627,7 @@ Result<std::unique_ptr<ControlPlane>> ControlPlane::Start(JobStore* store,
     a.deadline = Clock::now();
     m.active[rec.id()] = a;
   }
-  ASSIGN_OR_RETURN(m.listen_fd, wire::Listen(m.options.listen, &m.port));
-  m.acceptor = std::thread([&m] { m.Accept(); });
+  RETURN_IF_ERROR(m.StartIo());
   m.scheduler = std::thread([&m] { m.Schedule(); });
   return cp;
 }
@@ -519,19 +637,20 @@ ControlPlane::~ControlPlane() { Stop(); }
 void ControlPlane::Stop() {
   if (!impl_ || impl_->stopping.exchange(true)) return;
   Impl& m = *impl_;
-  ::shutdown(m.listen_fd, SHUT_RDWR);
-  ::close(m.listen_fd);
-  if (m.acceptor.joinable()) m.acceptor.join();
   if (m.scheduler.joinable()) m.scheduler.join();
-  std::vector<Impl::Reader> readers;
-  {
-    std::lock_guard<std::mutex> lock(m.mu);
-    for (auto& [id, w] : m.workers) {
-      if (w.fd >= 0) ::shutdown(w.fd, SHUT_RDWR);
-    }
-    readers.swap(m.readers);
+  if (m.io_thread.joinable()) {
+    // Close the listener and every connection on the io thread, then let it run out.
+    asio::post(m.io, [&m] {
+      boost::system::error_code ignored;
+      m.acceptor->close(ignored);
+      m.accept_retry->cancel();
+      for (const std::weak_ptr<Conn>& w : m.conns) {
+        if (auto c = w.lock()) m.Close(c);
+      }
+    });
+    m.work.reset();
+    m.io_thread.join();  // returns once the closed connections' handlers have finished
   }
-  for (Impl::Reader& r : readers) r.thread.join();
 }
 
 int ControlPlane::port() const { return impl_->port; }

@@ -10,6 +10,10 @@
 //   - finishes a job when every rank reported RankExit ok (SUCCEEDED), or fails it after
 //     resources.max_restarts recoveries, or when fewer than resources.min_workers stay available
 //     for `min_workers_wait`.
+// Connections are served by one Boost.Asio thread (length-prefixed frames, proto/frame.h):
+// garbage, an oversized or unparsable frame, a first frame that is not a WorkerHello, a wrong
+// secret or silence past hello_timeout drop that connection and nothing else. A Heartbeat with
+// want_ack is answered with a HeartbeatAck once processed (bench/coordinator_scale measures it).
 // Cancellation through the API (JobStore observer) sends AbortJob to the job's workers.
 // Jobs without checkpoint.dir get <checkpoint_root>/<job id> and checkpoint.every 10 (0 stays
 // "only at the end" when set explicitly with a dir), so that recovery has something to resume.
@@ -47,6 +51,8 @@ struct ControlPlaneOptions {
   std::chrono::milliseconds dead_after{2000};
   std::chrono::milliseconds exit_wait{5000};  // how long survivors get to report RankExit
   std::chrono::milliseconds min_workers_wait{60000};
+  // A new connection must send its WorkerHello within this, or it is dropped.
+  std::chrono::milliseconds hello_timeout{5000};
   std::string checkpoint_root;  // for jobs without checkpoint.dir
   std::string store_host = "127.0.0.1";
   LayoutFn layout = PlannedLayout;

@@ -10,6 +10,7 @@
 // Exit codes: 0 clean shutdown, 1 runtime failure (cannot open the store, cannot bind), 2 bad
 // input (flags, token file, a non-loopback --listen without a token).
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -81,6 +82,12 @@ std::string ReadToken(const std::string& path, std::string* error) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // One descriptor per worker connection: take the hard limit (thousands of workers).
+  rlimit files{};
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string data_dir, token_file, level = "info", control_listen;
   strata::coordinator::ApiServerOptions options;

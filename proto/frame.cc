@@ -60,16 +60,21 @@ Status SplitHostPort(const std::string& host_port, std::string* host, int* port,
   return Status::Ok();
 }
 
-Status WriteFrame(int fd, const google::protobuf::MessageLite& message) {
-  std::string body;
-  if (!message.SerializeToString(&body) || body.size() > kMaxFrameBytes) {
+Result<std::string> EncodeFrame(const google::protobuf::MessageLite& message) {
+  std::string frame(4, '\0');
+  if (!message.AppendToString(&frame) || frame.size() - 4 > kMaxFrameBytes) {
     return Internal("frame too large or not serializable");
   }
-  const uint32_t n = static_cast<uint32_t>(body.size());
-  const char len[4] = {static_cast<char>(n & 0xff), static_cast<char>((n >> 8) & 0xff),
-                       static_cast<char>((n >> 16) & 0xff), static_cast<char>(n >> 24)};
-  std::string frame(len, 4);
-  frame += body;
+  const uint32_t n = static_cast<uint32_t>(frame.size() - 4);
+  frame[0] = static_cast<char>(n & 0xff);
+  frame[1] = static_cast<char>((n >> 8) & 0xff);
+  frame[2] = static_cast<char>((n >> 16) & 0xff);
+  frame[3] = static_cast<char>(n >> 24);
+  return frame;
+}
+
+Status WriteFrame(int fd, const google::protobuf::MessageLite& message) {
+  ASSIGN_OR_RETURN(std::string frame, EncodeFrame(message));
   return WriteAll(fd, frame.data(), frame.size());
 }
 

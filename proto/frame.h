@@ -17,6 +17,10 @@ namespace strata::wire {
 
 inline constexpr uint32_t kMaxFrameBytes = 16u << 20;
 
+// The bytes of one frame (length prefix + serialized message), for asynchronous writers.
+// INTERNAL when the message does not serialize or exceeds kMaxFrameBytes.
+Result<std::string> EncodeFrame(const google::protobuf::MessageLite& message);
+
 // OK, or UNAVAILABLE when the peer is gone.
 Status WriteFrame(int fd, const google::protobuf::MessageLite& message);
 // Waits up to `timeout` (negative: forever) for a frame. DEADLINE_EXCEEDED when none started in
