@@ -5,7 +5,8 @@
 //
 //   build/bin/coordinator_scale --workers 1000,10000 --clients 8 --seconds 20
 //
-// The simulated workers run in this process on one epoll thread: each connects, registers
+// The simulated workers run in this process on one epoll thread (on a busy machine it may not
+// keep up with 10,000/s: the heartbeats/s column says what was offered): each connects, registers
 // (WorkerHello), then sends a Heartbeat{want_ack} every second, staggered evenly over the
 // second. The API clients are threads that each GET /v1/jobs and /healthz once a second.
 // Bar (issue 6): 10,000 workers on <= 1 core.
@@ -162,6 +163,7 @@ bool SendAll(int fd, const std::string& bytes) {
 struct RunResult {
   int workers = 0, registered = 0;
   double cpu_cores = 0;  // coordinator CPU seconds per wall second over the window
+  double window_s = 0;   // the measured window
   double coordinator_rss_mb = 0;
   int64_t heartbeats = 0, acks = 0;
   std::vector<double> rtt_ms;
@@ -307,6 +309,7 @@ RunResult Run(const Options& o, int n) {
   (void)first_measured_seq;
   const double wall = std::chrono::duration<double>(Clock::now() - warm_end).count();
   res.cpu_cores = (CpuSeconds(co->pid) - cpu0) / wall;
+  res.window_s = wall;
   res.coordinator_rss_mb = RssMb(co->pid);
   stop.store(true);
   for (std::thread& t : clients) t.join();

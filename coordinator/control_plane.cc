@@ -96,6 +96,9 @@ struct ControlPlane::Impl {
     int64_t generation = 0;
     int rank = -1;
     bool dead = false;
+    // Hung: still busy with an aborted generation after exit_wait. Never planned on again
+    // until the worker registers anew (a restarted process).
+    bool quarantined = false;
   };
   struct Active {
     int64_t generation = 0;
@@ -313,7 +316,7 @@ struct ControlPlane::Impl {
       Status st = store->ReportProgress(s.job_id(), s.generation(),
                                         {s.step(), s.loss(), s.tokens_per_second()});
       if (st.ok()) {
-        Log(s.job_id(), fmt::format("step {} | loss {:.4f} | {:.0f} tok/s", s.step(), s.loss(),
+        Log(s.job_id(), fmt::format("step {} | loss {:.6f} | {:.0f} tok/s", s.step(), s.loss(),
                                     s.tokens_per_second()));
       }
     } else if (in.has_exit()) {
@@ -342,7 +345,7 @@ struct ControlPlane::Impl {
   std::vector<std::string> IdleWorkers() {  // REQUIRES(mu)
     std::vector<std::string> idle;
     for (const auto& [id, w] : workers) {
-      if (!w.dead && w.job.empty()) idle.push_back(id);
+      if (!w.dead && !w.quarantined && w.job.empty()) idle.push_back(id);
     }
     return idle;
   }
@@ -375,7 +378,9 @@ struct ControlPlane::Impl {
     up.expected_generation = rec.generation();
     up.reason = fmt::format("{} workers: dp {} x tp {} x pp {}{}{}", world, l.dp, l.tp, l.pp,
                             l.zero1 ? " (ZeRO-1)" : "",
-                            resume ? ", resuming from the last committed checkpoint" : "");
+                            rec.state() == proto::JOB_STATE_RECOVERING
+                                ? ", resuming from the last committed checkpoint"
+                                : "");
     ASSIGN_OR_RETURN(proto::JobRecord now,
                      store->Transition(rec.id(), proto::JOB_STATE_RUNNING, up));
     rendezvous->SetMinGeneration(rec.id(), now.generation());
@@ -519,6 +524,7 @@ struct ControlPlane::Impl {
       // Recovering: wait for the survivors to stop (bounded), then re-plan on the idle workers.
       bool survivors_busy = false;
       std::vector<std::string> idle;
+      std::vector<std::string> hung;
       {
         std::lock_guard<std::mutex> lock(mu);
         for (const auto& [id, w] : workers) {
@@ -526,9 +532,23 @@ struct ControlPlane::Impl {
         }
         if (survivors_busy && now < a.deadline) continue;
         for (auto& [id, w] : workers) {
-          if (w.job == job) w.job.clear();  // exit wait over: the next Assign replaces the rank
+          if (w.job != job) continue;
+          if (w.generation < a.generation) {
+            // Heartbeating but still in an aborted generation after the exit wait: its rank
+            // is hung (a deadlock, a stuck device, ...). Name it and keep it out of plans.
+            w.quarantined = true;
+            hung.push_back(fmt::format(
+                "rank {} (worker {}) did not stop within {} ms of the abort of generation {}: "
+                "hung; quarantined from the next plans (restart the worker to clear)",
+                w.rank, id, options.exit_wait.count(), w.generation));
+          }
+          w.job.clear();  // exit wait over: the next Assign replaces the rank
         }
         idle = IdleWorkers();
+      }
+      for (const std::string& h : hung) {
+        spdlog::warn("{}: {}", job, h);
+        Log(job, h);
       }
       const int min_workers = std::max(1, rec->spec().resources().min_workers());
       if (static_cast<int>(idle.size()) < min_workers) {
@@ -666,7 +686,7 @@ std::vector<WorkerInfo> ControlPlane::List() {
     i.host = w.host;
     i.device = w.device;
     i.memory_bytes = w.memory;
-    i.state = w.dead ? "lost" : (w.job.empty() ? "idle" : "busy");
+    i.state = w.dead ? "lost" : w.quarantined ? "quarantined" : (w.job.empty() ? "idle" : "busy");
     i.job_id = w.job;
     i.heartbeat_lag_seconds = std::chrono::duration<double>(now - w.last_beat).count();
     out.push_back(i);

@@ -652,6 +652,10 @@ Status Validate(const proto::JobSpec& spec) {
   if (r.threads() < 0) {
     return Bad(fmt::format("resources.threads: must be >= 0 (0 = all cores), got {}", r.threads()));
   }
+  if (r.has_collective_timeout_s() && r.collective_timeout_s() < 1) {
+    return Bad(fmt::format("resources.collective_timeout_s: must be at least 1 second, got {}",
+                           r.collective_timeout_s()));
+  }
 
   const proto::CheckpointSpec& c = spec.checkpoint();
   if (c.every() < 0) {

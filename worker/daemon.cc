@@ -4,6 +4,8 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -20,6 +22,31 @@ namespace strata::worker {
 namespace {
 
 using std::chrono::milliseconds;
+
+// The daemon's own stop flag (RunWorkerDaemon's argument), for the fault-injection hook below.
+std::atomic<const std::atomic<bool>*> g_daemon_stop{nullptr};
+
+// Fault injection for tests (tests/daemon_test.cc, Daemon.HungRankIsNamedAndQuarantined):
+// with STRATA_FAULT_HANG_AFTER_STEP=N in its environment, this worker's rank stops responding
+// after step N of the first generation it runs — the training thread sleeps, ignoring aborts,
+// while the daemon keeps heartbeating: a hung (not dead) rank. It wakes only when the daemon
+// itself is stopped. Unset (always, outside tests): nothing happens.
+int64_t HangAfterStep() {
+  static const int64_t step = [] {
+    const char* v = std::getenv("STRATA_FAULT_HANG_AFTER_STEP");
+    return v != nullptr ? std::atoll(v) : -1;
+  }();
+  return step;
+}
+std::atomic<bool> g_hung_once{false};
+
+void MaybeHang(int64_t steps_done) {
+  if (HangAfterStep() < 0 || steps_done != HangAfterStep() || g_hung_once.exchange(true)) return;
+  spdlog::warn("fault injection: rank hangs after step {} (STRATA_FAULT_HANG_AFTER_STEP)",
+               steps_done);
+  const std::atomic<bool>* stop = g_daemon_stop.load();
+  while (stop == nullptr || !stop->load()) std::this_thread::sleep_for(milliseconds(50));
+}
 
 // One connection to the coordinator: writes from several threads are serialized.
 class Link {
@@ -120,12 +147,15 @@ class RankRunner {
     RETURN_IF_ERROR(wire::SplitHostPort(store_addr_, &host, &port, "store address"));
     ASSIGN_OR_RETURN(std::shared_ptr<comm::TcpStoreClient> store,
                      comm::ConnectTcpStoreClient(host, port, so));
+    const milliseconds timeout =
+        a.job().resources().has_collective_timeout_s()
+            ? milliseconds(1000LL * a.job().resources().collective_timeout_s())
+            : options_.collective_timeout;
     comm::GlooOptions go;
     go.hostname = options_.host;
     go.name = "world";
-    ASSIGN_OR_RETURN(
-        std::unique_ptr<comm::ProcessGroup> world,
-        comm::MakeGlooGroup(store, "world", a.rank(), a.world(), options_.collective_timeout, go));
+    ASSIGN_OR_RETURN(std::unique_ptr<comm::ProcessGroup> world,
+                     comm::MakeGlooGroup(store, "world", a.rank(), a.world(), timeout, go));
     const proto::ParallelSpec& par = a.job().parallel();
     ASSIGN_OR_RETURN(comm::Grid grid, comm::Grid::Create(a.world(), par.dp(), par.tp(), par.pp()));
     ASSIGN_OR_RETURN(comm::GridGroups groups, comm::SplitGrid(*world, grid));
@@ -140,15 +170,19 @@ class RankRunner {
     opt.dp_group = groups.dp.get();
     opt.tp_group = groups.tp.get();
     opt.pp_group = groups.pp.get();
-    opt.comm_timeout = options_.collective_timeout;
+    opt.comm_timeout = timeout;
     opt.checkpoint_tag = fmt::format("g{}", a.generation());
     // The rendezvous store refuses a fenced-out generation: ask it before committing.
     opt.checkpoint_fence = [store]() -> Status {
       Result<bool> r = store->Check({"world/rank_0"});
       return r.ok() ? Status::Ok() : r.status();
     };
+    if (a.rank() != 0 && HangAfterStep() >= 0) {
+      opt.on_step = [](const StepStats& st) { MaybeHang(st.step + 1); };
+    }
     if (a.rank() == 0) {
       opt.on_step = [&](const StepStats& st) {
+        MaybeHang(st.step + 1);
         proto::ControlMessage m;
         proto::StepReport* r = m.mutable_step();
         r->set_job_id(a.job_id());
@@ -261,6 +295,7 @@ Status Session(const DaemonOptions& options, const std::atomic<bool>* stop, int 
 }  // namespace
 
 Status RunWorkerDaemon(const DaemonOptions& in, const std::atomic<bool>* stop) {
+  g_daemon_stop.store(stop);
   DaemonOptions options = in;
   if (options.worker_id.empty()) {
     options.worker_id = fmt::format("{}:{}", options.host, ::getpid());
