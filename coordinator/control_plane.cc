@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <boost/asio.hpp>
+#include <condition_variable>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -14,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "checkpoint/store.h"
 #include "comm/tcp_store.h"
 #include "proto/control.pb.h"
 #include "proto/frame.h"
@@ -109,6 +111,23 @@ struct ControlPlane::Impl {
     Clock::time_point deadline;       // recovering: survivors' exit wait
     Clock::time_point waiting_since;  // recovering: since when too few workers
     bool waiting = false;
+    // The running generation's spec as assigned (checkpoint.dir resolved, layout set).
+    proto::JobSpec spec;
+    // Checkpoint steps of this generation some rank reported written (CheckpointWritten).
+    struct Pending {
+      std::set<int> written;
+      std::optional<proto::Manifest> manifest;  // rank 0's
+      bool failed = false;
+    };
+    std::map<int64_t, Pending> checkpoints;
+  };
+  // A checkpoint step every rank of `generation` reported durable: the scheduler commits it.
+  struct ReadyCommit {
+    std::string job;
+    int64_t generation = 0;
+    int world = 0;
+    proto::JobSpec spec;
+    proto::Manifest manifest;
   };
 
   // Declared first so that it is destroyed last: connections and pending handlers that refer to
@@ -125,8 +144,11 @@ struct ControlPlane::Impl {
   std::atomic<int64_t> recoveries{0};
   std::thread io_thread, scheduler;
   std::mutex mu;
-  std::map<std::string, Worker> workers;  // GUARDED_BY(mu)
-  std::map<std::string, Active> active;   // GUARDED_BY(mu)
+  std::map<std::string, Worker> workers;   // GUARDED_BY(mu)
+  std::map<std::string, Active> active;    // GUARDED_BY(mu)
+  std::vector<ReadyCommit> ready_commits;  // GUARDED_BY(mu)
+  std::condition_variable wake;            // the scheduler's: a commit is ready, or stop
+  std::shared_ptr<checkpoint::Storage> storage = checkpoint::DefaultStorage();
   // Every connection not yet known closed, registered or not (io thread only).
   std::vector<std::weak_ptr<Conn>> conns;
 
@@ -319,6 +341,38 @@ struct ControlPlane::Impl {
         Log(s.job_id(), fmt::format("step {} | loss {:.6f} | {:.0f} tok/s", s.step(), s.loss(),
                                     s.tokens_per_second()));
       }
+    } else if (in.has_checkpoint()) {
+      const proto::CheckpointWritten& cw = in.checkpoint();
+      std::string event;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        auto a = active.find(cw.job_id());
+        if (a == active.end() || a->second.generation != cw.generation() || a->second.recovering) {
+          return;  // stale: an older generation's save is never committed
+        }
+        Active::Pending& p = a->second.checkpoints[cw.step()];
+        if (!cw.ok()) {
+          p.failed = true;
+          event = fmt::format(
+              "checkpoint step {}: rank {} ({}) could not write its shards: {}; "
+              "not committed, the previous checkpoints stay",
+              cw.step(), cw.rank(), id, cw.error());
+        } else {
+          p.written.insert(cw.rank());
+          if (cw.rank() == 0) p.manifest = cw.manifest();
+          const int world = static_cast<int>(a->second.ranks.size());
+          if (!p.failed && p.manifest && static_cast<int>(p.written.size()) == world) {
+            ready_commits.push_back(
+                {cw.job_id(), cw.generation(), world, a->second.spec, *p.manifest});
+            wake.notify_one();
+            a->second.checkpoints.erase(cw.step());
+          }
+        }
+      }
+      if (!event.empty()) {
+        spdlog::warn("{}: {}", cw.job_id(), event);
+        Log(cw.job_id(), event);
+      }
     } else if (in.has_exit()) {
       const proto::RankExit& e = in.exit();
       std::lock_guard<std::mutex> lock(mu);
@@ -387,6 +441,7 @@ struct ControlPlane::Impl {
     Active a;
     a.generation = now.generation();
     a.ranks.assign(idle.begin(), idle.begin() + world);
+    a.spec = spec;
     {
       std::lock_guard<std::mutex> lock(mu);
       for (int r = 0; r < world; ++r) {
@@ -460,6 +515,82 @@ struct ControlPlane::Impl {
     a.generation = now->generation();
     a.deadline = Clock::now() + options.exit_wait;
     a.waiting = false;
+    a.checkpoints.clear();
+  }
+
+  // Writes the manifest of a checkpoint every rank reported durable (the commit), applies the
+  // job's retention, and scales the job up onto idle workers when that gives a larger layout.
+  void Commit(const ReadyCommit& c) {
+    const std::string root = c.spec.checkpoint().dir();
+    const int64_t step = c.manifest.step();
+    auto current = [this, &c]() -> Status {
+      std::lock_guard<std::mutex> lock(mu);
+      auto a = active.find(c.job);
+      if (a == active.end() || a->second.generation != c.generation || a->second.recovering) {
+        return Cancelled(
+            fmt::format("generation {} of {} is no longer running", c.generation, c.job));
+      }
+      return Status::Ok();
+    };
+    Status s =
+        checkpoint::CommitWhenDurable(storage, root, c.manifest, c.world, std::chrono::seconds(30),
+                                      &stopping, fmt::format("g{}", c.generation), current);
+    if (!s.ok()) {
+      const std::string e =
+          fmt::format("checkpoint step {} not committed: {}; the previous checkpoints stay", step,
+                      s.ToString());
+      spdlog::warn("{}: {}", c.job, e);
+      Log(c.job, e);
+      return;
+    }
+    Log(c.job,
+        fmt::format("checkpoint step {} committed by the coordinator ({} ranks)", step, c.world));
+    checkpoint::RetentionPolicy keep;
+    keep.keep_last = std::max(1, c.spec.checkpoint().keep());
+    keep.keep_every = c.spec.checkpoint().keep_every();
+    Result<int> gc = checkpoint::CollectGarbage(*storage, root, keep, step);
+    if (!gc.ok()) spdlog::warn("{}: checkpoint retention: {}", c.job, gc.status().ToString());
+    MaybeScaleUp(c, step);
+  }
+
+  void MaybeScaleUp(const ReadyCommit& c, int64_t step) {
+    const proto::ResourceSpec& res = c.spec.resources();
+    if (res.has_scale_up_at_checkpoint() && !res.scale_up_at_checkpoint()) return;
+    if (c.world >= std::max(1, res.workers())) return;
+    int idle = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      idle = static_cast<int>(IdleWorkers().size());
+    }
+    if (idle == 0) return;
+    Result<proto::JobRecord> rec = store->Get(c.job);
+    if (!rec.ok() || rec->state() != proto::JOB_STATE_RUNNING ||
+        rec->generation() != c.generation) {
+      return;
+    }
+    // Plan from the job as submitted (the assigned spec has this generation's sizes fixed).
+    const int available = std::min(std::max(1, res.workers()), c.world + idle);
+    Result<Layout> bigger = options.layout(rec->spec(), available);
+    if (!bigger.ok() || bigger->dp * bigger->tp * bigger->pp <= c.world) return;
+    const std::string why = fmt::format(
+        "scale-up at checkpoint step {}: {} idle worker(s) give dp {} x tp {} x pp {} instead of "
+        "{} ranks",
+        step, idle, bigger->dp, bigger->tp, bigger->pp, c.world);
+    TransitionUpdate up = Update(why, "");
+    up.count_restart = false;
+    up.expected_generation = c.generation;
+    Result<proto::JobRecord> now = store->Transition(c.job, proto::JOB_STATE_RECOVERING, up);
+    if (!now.ok()) return;
+    rendezvous->SetMinGeneration(c.job, now->generation());
+    spdlog::info("{}: {}", c.job, why);
+    AbortWorkers(c.job, why);
+    std::lock_guard<std::mutex> lock(mu);
+    Active& a = active[c.job];
+    a.recovering = true;
+    a.generation = now->generation();
+    a.deadline = Clock::now() + options.exit_wait;
+    a.waiting = false;
+    a.checkpoints.clear();
   }
 
   void Tick() {
@@ -488,6 +619,15 @@ struct ControlPlane::Impl {
       }
     }
     for (const auto& [job, why] : lost) Recover(job, why);
+
+    // Checkpoints every rank has written: commit them (the coordinator is the committer in
+    // daemon mode), then apply retention and consider a scale-up.
+    std::vector<ReadyCommit> commits;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      commits.swap(ready_commits);
+    }
+    for (const ReadyCommit& c : commits) Commit(c);
 
     // Running and recovering jobs.
     std::vector<std::string> jobs;
@@ -611,7 +751,10 @@ struct ControlPlane::Impl {
   void Schedule() {
     while (!stopping.load()) {
       Tick();
-      std::this_thread::sleep_for(milliseconds(100));
+      // Every 100 ms, or at once when a checkpoint is ready to commit.
+      std::unique_lock<std::mutex> lock(mu);
+      wake.wait_for(lock, milliseconds(100),
+                    [this] { return stopping.load() || !ready_commits.empty(); });
     }
   }
 };
@@ -657,6 +800,7 @@ ControlPlane::~ControlPlane() { Stop(); }
 void ControlPlane::Stop() {
   if (!impl_ || impl_->stopping.exchange(true)) return;
   Impl& m = *impl_;
+  m.wake.notify_all();
   if (m.scheduler.joinable()) m.scheduler.join();
   if (m.io_thread.joinable()) {
     // Close the listener and every connection on the io thread, then let it run out.

@@ -311,7 +311,9 @@ Result<proto::JobRecord> JobStore::Transition(const std::string& id, proto::JobS
     if (to == proto::JOB_STATE_PLANNING || to == proto::JOB_STATE_RECOVERING) {
       next.set_generation(cur.generation() + 1);
     }
-    if (to == proto::JOB_STATE_RECOVERING) next.set_restarts(cur.restarts() + 1);
+    if (to == proto::JOB_STATE_RECOVERING && update.count_restart) {
+      next.set_restarts(cur.restarts() + 1);
+    }
     if (to == proto::JOB_STATE_RUNNING && cur.started_unix_ms() == 0) {
       next.set_started_unix_ms(now);
     }

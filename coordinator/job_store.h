@@ -48,6 +48,9 @@ struct TransitionUpdate {
   // Fencing: when set, the transition fails with FAILED_PRECONDITION unless the job's current
   // generation equals it.
   std::optional<int64_t> expected_generation;
+  // Entering RECOVERING counts a restart (resources.max_restarts) unless this is false (a
+  // planned re-plan such as a scale-up).
+  bool count_restart = true;
 };
 
 struct Progress {

@@ -65,6 +65,26 @@ struct Cluster {
     }
   }
 
+  // Starts one more worker daemon, w<index>.
+  void AddWorker() {
+    const int i = static_cast<int>(workers.size());
+    workers.push_back(Spawn({std::string(STRATA_BINARY_DIR) + "/bin/strata-worker", "--coordinator",
+                             fmt::format("127.0.0.1:{}", control_port), "--worker-id",
+                             fmt::format("w{}", i), "--threads", "1", "--log-level", "warn"}));
+  }
+
+  // Every log line of a job that is not a step line.
+  std::string Events(const std::string& id) {
+    std::string events;
+    auto page = store->ReadLogs(id, 0, 100000);
+    EXPECT_TRUE(page.ok());
+    if (!page.ok()) return events;
+    for (const proto::JobLogEntry& e : page->entries) {
+      if (e.text().rfind("step ", 0) != 0) events += e.text() + "\n";
+    }
+    return events;
+  }
+
   // Opens the store and starts the rendezvous store and control plane (again after
   // StopCoordinator: same data dir, same control port, as a restarted daemon would).
   void StartCoordinator() {
@@ -325,12 +345,7 @@ TEST(Daemon, HungRankIsNamedAndQuarantined) {
   EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
   EXPECT_EQ(r.step(), 30);
   EXPECT_EQ(r.restarts(), 1);
-  std::string events;
-  auto page = c.store->ReadLogs(id, 0, 100000);
-  ASSERT_TRUE(page.ok());
-  for (const proto::JobLogEntry& e : page->entries) {
-    if (e.text().rfind("step ", 0) != 0) events += e.text() + "\n";
-  }
+  const std::string events = c.Events(id);
   EXPECT_NE(events.find("(worker w0) did not stop"), std::string::npos) << events;
   EXPECT_NE(events.find("quarantined"), std::string::npos) << events;
   EXPECT_NE(events.find("DEADLINE_EXCEEDED"), std::string::npos)
@@ -343,6 +358,35 @@ TEST(Daemon, HungRankIsNamedAndQuarantined) {
   EXPECT_TRUE(quarantined) << "w0 must stay out of plans";
   // The worker process itself is alive (hung, not dead).
   EXPECT_EQ(::kill(c.workers[0], 0), 0);
+}
+
+TEST(Daemon, JoiningWorkerIsUsedAtTheNextCheckpoint) {
+  // A 2-worker job loses a worker and continues on one; a worker that joins later is taken in
+  // right after the next checkpoint the coordinator commits (a planned re-plan: not counted as a
+  // restart), and the job finishes on two workers again.
+  Cluster c(2);
+  const std::string id = c.Submit(60);
+  ASSERT_FALSE(id.empty());
+  proto::JobRecord r = c.WaitForStep(id, 8);
+  ASSERT_GE(r.step(), 8);
+  const int victim = BusyWorker(c, id);
+  ASSERT_GE(victim, 0);
+  ASSERT_EQ(::kill(c.workers[victim], SIGKILL), 0);
+  r = c.WaitForRecovery(id, r.generation());
+  ASSERT_EQ(r.state(), proto::JOB_STATE_RUNNING) << r.last_error();
+  EXPECT_EQ(r.layout().dp() * r.layout().tp() * r.layout().pp(), 1) << "one survivor";
+  const int64_t shrunk = r.generation();
+  c.AddWorker();
+  r = c.WaitForRecovery(id, shrunk);
+  ASSERT_GT(r.generation(), shrunk) << "the joining worker must be taken in";
+  EXPECT_EQ(r.layout().dp() * r.layout().tp() * r.layout().pp(), 2);
+  r = c.WaitForEnd(id);
+  EXPECT_EQ(r.state(), proto::JOB_STATE_SUCCEEDED) << r.last_error();
+  EXPECT_EQ(r.step(), 60);
+  EXPECT_EQ(r.restarts(), 1) << "only the kill counts as a restart";
+  const std::string events = c.Events(id);
+  EXPECT_NE(events.find("scale-up at checkpoint step"), std::string::npos) << events;
+  EXPECT_NE(events.find("committed by the coordinator"), std::string::npos) << events;
 }
 
 }  // namespace

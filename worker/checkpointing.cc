@@ -82,6 +82,7 @@ void CheckpointSaver::Run(proto::Manifest manifest, std::vector<SaveItem> items)
   }
   const double write_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (options_.on_written) options_.on_written(manifest, s);
   if (s.ok() && options_.commit) {
     s = checkpoint::CommitWhenDurable(options_.storage, options_.root, manifest, options_.world,
                                       options_.commit_timeout, &cancel_, options_.tag,

@@ -52,6 +52,10 @@ struct SaverOptions {
   // Checked right before a commit and before retention deletes anything; an error skips both
   // (daemon mode: the rank's generation is no longer current).
   std::function<Status()> fence;
+  // Called (on the saving thread) once this rank's shards of a step are durable — `written` OK —
+  // or failed to be written, with the manifest this rank would commit (everything but the
+  // shards). Daemon mode reports it to the coordinator, which commits (commit = false there).
+  std::function<void(const proto::Manifest& manifest, const Status& written)> on_written;
 };
 
 class CheckpointSaver {

@@ -172,6 +172,21 @@ class RankRunner {
     opt.pp_group = groups.pp.get();
     opt.comm_timeout = timeout;
     opt.checkpoint_tag = fmt::format("g{}", a.generation());
+    // The coordinator commits: each rank reports its shards written, rank 0 with the manifest.
+    opt.external_commit = true;
+    opt.on_checkpoint_written = [job = a.job_id(), generation = a.generation(), rank = a.rank(),
+                                 link](const proto::Manifest& manifest, const Status& s) {
+      proto::ControlMessage m;
+      proto::CheckpointWritten* cw = m.mutable_checkpoint();
+      cw->set_job_id(job);
+      cw->set_generation(generation);
+      cw->set_rank(rank);
+      cw->set_step(manifest.step());
+      cw->set_ok(s.ok());
+      if (!s.ok()) cw->set_error(s.ToString());
+      if (rank == 0) *cw->mutable_manifest() = manifest;
+      (void)link->Send(m);
+    };
     // The rendezvous store refuses a fenced-out generation: ask it before committing.
     opt.checkpoint_fence = [store]() -> Status {
       Result<bool> r = store->Check({"world/rank_0"});

@@ -118,6 +118,7 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
     so.commit_timeout = std::chrono::seconds(ck.commit_timeout_s());
     so.tag = options.checkpoint_tag;
     so.fence = options.checkpoint_fence;
+    so.on_written = options.on_checkpoint_written;
     t->saver_ = std::make_unique<CheckpointSaver>(std::move(so));
     size_t floats = 0;
     for (const SaveItem& it : t->CheckpointItems()) {

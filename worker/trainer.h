@@ -70,6 +70,9 @@ struct TrainOptions {
   std::function<void(const StepStats&)> on_step;
   // The file system checkpoints go through (tests pass a fault-injecting one).
   std::shared_ptr<checkpoint::Storage> checkpoint_storage;
+  // Called once this rank's shards of a checkpoint step are durable or failed (SaverOptions::
+  // on_written); daemon mode reports it to the coordinator, which commits (external_commit).
+  std::function<void(const proto::Manifest&, const Status&)> on_checkpoint_written;
 };
 
 struct StepStats {
