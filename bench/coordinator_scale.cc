@@ -353,7 +353,7 @@ int main(int argc, char** argv) {
   rl.rlim_cur = rl.rlim_max;
   setrlimit(RLIMIT_NOFILE, &rl);
   std::printf(
-      "| workers | registered | clients | coordinator CPU (cores) | RSS MB | heartbeats | "
+      "| workers | registered | clients | coordinator CPU (cores) | RSS MB | heartbeats/s | "
       "acks | RTT p50 ms | RTT p99 ms | RTT max ms | API p50 ms | API p99 ms | API "
       "errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   int rc = 0;
@@ -362,11 +362,11 @@ int main(int argc, char** argv) {
     const RunResult r = Run(o, n);
     if (r.registered < n) rc = 1;
     std::printf(
-        "| %d | %d | %d | %.3f | %.0f | %lld | %lld | %.2f | %.2f | %.2f | %.2f | %.2f | "
+        "| %d | %d | %d | %.3f | %.0f | %.0f | %lld | %.2f | %.2f | %.2f | %.2f | %.2f | "
         "%lld |\n",
         r.workers, r.registered, o.clients, r.cpu_cores, r.coordinator_rss_mb,
-        static_cast<long long>(r.heartbeats), static_cast<long long>(r.acks),
-        Percentile(r.rtt_ms, 0.5), Percentile(r.rtt_ms, 0.99),
+        r.window_s > 0 ? static_cast<double>(r.heartbeats) / r.window_s : 0.0,
+        static_cast<long long>(r.acks), Percentile(r.rtt_ms, 0.5), Percentile(r.rtt_ms, 0.99),
         r.rtt_ms.empty() ? 0.0 : *std::max_element(r.rtt_ms.begin(), r.rtt_ms.end()),
         Percentile(r.api_ms, 0.5), Percentile(r.api_ms, 0.99),
         static_cast<long long>(r.api_errors));
