@@ -14,6 +14,7 @@ processes); the ratio shows how far that is from this machine.
 """
 import argparse
 import json
+import re
 import os
 import statistics
 import subprocess
@@ -25,9 +26,15 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
 
 
 def with_layout(spec_text, dp, tp, pp):
-    """The spec with its parallel block replaced by fixed sizes."""
+    """The spec with its parallel block replaced by fixed sizes, and a micro-batch that the data-
+    parallel size divides (global_batch / dp at most)."""
     out, skip = [], False
+    gb = next((int(re.search(r"global_batch:\s*(\d+)", l).group(1)) for l in spec_text.splitlines()
+               if re.search(r"^\s+global_batch:\s*\d+", l)), None)
     for line in spec_text.splitlines():
+        m = re.match(r"^(\s+micro_batch:\s*)(\d+)(.*)$", line)
+        if m and gb is not None:
+            line = f"{m.group(1)}{min(int(m.group(2)), gb // dp)}{m.group(3)}"
         if line.startswith("parallel:"):
             skip = True
             continue
