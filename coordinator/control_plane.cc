@@ -76,7 +76,10 @@ Result<Layout> DataParallelLayout(const proto::JobSpec& spec, int workers) {
 }
 
 Result<Layout> PlannedLayout(const proto::JobSpec& spec, int workers) {
-  Result<DeviceProfile> cpu = DeviceProfileByName("cpu");
+  // CUDA jobs are planned with the H100 profile (GPU workers report no measured profile yet),
+  // CPU jobs with the CPU one.
+  Result<DeviceProfile> cpu =
+      DeviceProfileByName(spec.resources().device() == "cuda" ? "h100" : "cpu");
   if (cpu.ok()) {
     Result<PlanRequest> req = PlanRequestFromJob(spec, workers, *cpu);
     if (req.ok()) {
@@ -396,10 +399,14 @@ struct ControlPlane::Impl {
 
   // ---- scheduling (scheduler thread only, except where noted) ----
 
-  std::vector<std::string> IdleWorkers() {  // REQUIRES(mu)
+  // Idle workers of the device kind `spec` asks for (resources.device; cpu by default).
+  std::vector<std::string> IdleWorkers(const proto::JobSpec& spec) {  // REQUIRES(mu)
+    const std::string device =
+        spec.resources().device().empty() ? "cpu" : spec.resources().device();
     std::vector<std::string> idle;
     for (const auto& [id, w] : workers) {
-      if (!w.dead && !w.quarantined && w.job.empty()) idle.push_back(id);
+      const std::string kind = w.device.empty() ? "cpu" : w.device;
+      if (!w.dead && !w.quarantined && w.job.empty() && kind == device) idle.push_back(id);
     }
     return idle;
   }
@@ -560,7 +567,7 @@ struct ControlPlane::Impl {
     int idle = 0;
     {
       std::lock_guard<std::mutex> lock(mu);
-      idle = static_cast<int>(IdleWorkers().size());
+      idle = static_cast<int>(IdleWorkers(c.spec).size());
     }
     if (idle == 0) return;
     Result<proto::JobRecord> rec = store->Get(c.job);
@@ -684,7 +691,7 @@ struct ControlPlane::Impl {
           }
           w.job.clear();  // exit wait over: the next Assign replaces the rank
         }
-        idle = IdleWorkers();
+        idle = IdleWorkers(rec->spec());
       }
       for (const std::string& h : hung) {
         spdlog::warn("{}: {}", job, h);
@@ -718,7 +725,7 @@ struct ControlPlane::Impl {
       std::vector<std::string> idle;
       {
         std::lock_guard<std::mutex> lock(mu);
-        idle = IdleWorkers();
+        idle = IdleWorkers(rec.spec());
       }
       const int want = std::max(1, rec.spec().resources().workers());
       if (static_cast<int>(idle.size()) < want) break;  // first come, first served

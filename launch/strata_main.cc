@@ -31,9 +31,11 @@ constexpr const char* kUsage =
     "commands:\n"
     "  train JOB.yaml [--max-steps N] [--threads N] [--metrics FILE] [--log-level LEVEL]\n"
     "                 [--checkpoint-dir DIR] [--checkpoint-every N] [--resume]\n"
-    "        train the job in this process (CPU); one log line per step; --metrics appends\n"
+    "                 [--device cpu|cuda]\n"
+    "        train the job in this process; one log line per step; --metrics appends\n"
     "        one JSON line per step to FILE; --resume continues from the latest usable\n"
-    "        committed checkpoint in checkpoint.dir\n"
+    "        committed checkpoint in checkpoint.dir; --device overrides resources.device\n"
+    "        (cuda: CUDA device 0)\n"
     "  ckpt ls CKPT_ROOT              committed checkpoints: step, layout, size, status\n"
     "  ckpt verify CKPT_ROOT [--step S]\n"
     "        read every shard of the latest (or step S) checkpoint and check its checksum\n"
@@ -115,6 +117,12 @@ int Train(const std::vector<std::string>& args) {
       const std::string* s = value(a.c_str());
       if (s == nullptr) return Usage("--metrics needs a file path");
       opt.metrics_path = *s;
+    } else if (a == "--device") {
+      const std::string* s = value(a.c_str());
+      if (s == nullptr || (*s != "cpu" && *s != "cuda")) {
+        return Usage("--device needs cpu or cuda");
+      }
+      opt.device = *s;
     } else if (a == "--log-level") {
       const std::string* s = value(a.c_str());
       if (s == nullptr) return Usage("--log-level needs a value (trace|debug|info|warn|error)");
@@ -149,9 +157,12 @@ int Train(const std::vector<std::string>& args) {
     return start.status().code() == strata::StatusCode::kDataLoss ? 1 : 2;
   }
   const auto& cfg = t.model().config();
-  spdlog::info("job '{}': GPT {} ({:.2f}M parameters), {} precision, {} threads", spec->name(),
+  spdlog::info("job '{}': GPT {} ({:.2f}M parameters), {} precision, {}", spec->name(),
                cfg.ToString(), t.model().num_params() / 1e6,
-               strata::model::DTypeName(t.model().compute_dtype()), strata::model::NumThreads());
+               strata::model::DTypeName(t.model().compute_dtype()),
+               t.model().device() == strata::model::Device::kCuda
+                   ? std::string("CUDA device ") + std::to_string(opt.cuda_device)
+                   : std::to_string(strata::model::NumThreads()) + " threads");
   spdlog::info(
       "data: {} train tokens ({} samples of {}), {} val tokens; global batch {} = {} x {} "
       "micro-batches; measured GEMM peak {:.1f} GFLOP/s",

@@ -17,12 +17,15 @@
 #include <thread>
 #include <vector>
 
+#include "comm/device_staged.h"
 #include "comm/grid.h"
 #include "comm/mpi.h"
+#include "comm/nccl.h"
 #include "common/logging.h"
 #include "model/cpu_info.h"
 #include "proto/job_spec.h"
 #include "worker/daemon.h"
+#include "worker/device_ops.h"
 #include "worker/trainer.h"
 
 namespace {
@@ -33,6 +36,7 @@ constexpr const char* kUsage =
     "                                  [--metrics FILE] [--resume]\n"
     "                                  [--checkpoint-dir DIR] [--checkpoint-every N]\n"
     "                                  [--no-overlap] [--log-level LEVEL]\n"
+    "                                  [--device cpu|cuda]\n"
     "  --dp/--tp/--pp override parallel.dp/tp/pp of the job (0 or absent: chosen by the rule\n"
     "  tp = pp = 1, dp = world size). --threads: CPU threads per rank (default: cores divided\n"
     "  among the ranks on this node; under srun, SLURM_CPUS_PER_TASK when set).\n"
@@ -40,10 +44,14 @@ constexpr const char* kUsage =
     "  --no-overlap: reduce gradients after backward instead of during it (benchmarking).\n"
     "  --memory-report: every rank prints its memory, measured and estimated, as JSON.\n"
     "  --resume: continue from the latest usable committed checkpoint in checkpoint.dir,\n"
-    "  whatever layout wrote it; --checkpoint-dir/--checkpoint-every override the job's.\n";
+    "  whatever layout wrote it; --checkpoint-dir/--checkpoint-every override the job's.\n"
+    "  --device: overrides resources.device. cuda: each rank uses GPU (local rank % visible\n"
+    "  GPUs); tensor- and data-parallel groups are NCCL when every rank of every node has a\n"
+    "  GPU of its own, else MPI with host staging (slow); pipeline activations go through\n"
+    "  host memory over MPI.\n";
 
 struct Args {
-  std::string job, metrics, level = "info";
+  std::string job, metrics, level = "info", device;
   int dp = -1, tp = -1, pp = -1, threads = -1, micro_batch = -1;
   long long max_steps = -1;
   bool zero1 = false;
@@ -93,6 +101,11 @@ strata::Status ParseArgs(int argc, char** argv, Args* a) {
       a->metrics = v;
     } else if (f == "--log-level") {
       a->level = v;
+    } else if (f == "--device") {
+      if (std::string(v) != "cpu" && std::string(v) != "cuda") {
+        return strata::InvalidArgument(std::string("--device: '") + v + "' is not cpu or cuda");
+      }
+      a->device = v;
     } else if (f == "--checkpoint-dir") {
       a->checkpoint_dir = v;
     } else if (f == "--dp" || f == "--tp" || f == "--pp" || f == "--threads" ||
@@ -135,6 +148,36 @@ int DefaultThreads() {
   return std::max(1, cores / std::max(1, ranks));
 }
 
+// This process's index among the ranks on its node, and their number (Open MPI, then MPICH /
+// Hydra, then Slurm); the world rank and size when none is set (one node).
+int LocalRank(int world_rank) {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}) {
+    if (const char* v = std::getenv(name)) return std::max(0, std::atoi(v));
+  }
+  return world_rank;
+}
+int LocalSize(int world_size) {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {
+    if (const char* v = std::getenv(name)) return std::max(1, std::atoi(v));
+  }
+  return world_size;
+}
+
+// An NCCL group over the ranks of the MPI group `mpi` (size > 1): the unique id is made on its
+// rank 0 and broadcast over `mpi`.
+strata::Result<std::unique_ptr<strata::comm::ProcessGroup>> NcclOver(
+    strata::comm::ProcessGroup& mpi, int device, std::chrono::milliseconds timeout) {
+  ASSIGN_OR_RETURN(std::string id, strata::comm::ShareNcclUniqueId(mpi, timeout));
+  strata::comm::NcclGroupOptions o;
+  o.rank = mpi.rank();
+  o.size = mpi.size();
+  o.device = device;
+  o.unique_id = id;
+  o.name = mpi.name() + "/nccl";
+  o.timeout = timeout;
+  return strata::comm::CreateNcclGroup(o);
+}
+
 int Fail(int rank, const std::string& what, const strata::Status& s) {
   if (rank == 0 || s.code() != strata::StatusCode::kInvalidArgument) {
     std::fprintf(stderr, "strata-worker[%d]: %s: %s\n", rank, what.c_str(), s.message().c_str());
@@ -150,8 +193,8 @@ int Fail(int rank, const std::string& what, const strata::Status& s) {
 }
 
 // Daemon mode: `strata-worker --coordinator HOST:PORT [--host ADDR] [--worker-id ID]
-// [--threads N] [--secret-file F] [--device cpu] [--log-level L]` registers with the coordinator
-// and runs what it is assigned until SIGINT/SIGTERM.
+// [--threads N] [--secret-file F] [--device cpu|cuda] [--cuda-device N] [--log-level L]` registers
+// with the coordinator and runs what it is assigned until SIGINT/SIGTERM.
 std::atomic<bool> g_daemon_stop{false};
 
 int DaemonMain(int argc, char** argv) {
@@ -174,10 +217,27 @@ int DaemonMain(int argc, char** argv) {
     } else if (f == "--log-level") {
       level = v;
     } else if (f == "--device") {
-      if (v != "cpu") {
-        std::fprintf(stderr, "strata-worker: --device: only 'cpu' is built (CUDA: not yet)\n");
+      if (v != "cpu" && v != "cuda") {
+        std::fprintf(stderr, "strata-worker: --device: '%s' is not cpu or cuda\n", v.c_str());
         return 2;
       }
+      if (v == "cuda") {
+        const strata::Status usable = strata::worker::CudaUsable();
+        if (!usable.ok()) {
+          std::fprintf(stderr, "strata-worker: --device cuda: %s\n", usable.message().c_str());
+          return 2;
+        }
+      }
+      o.device = v;
+    } else if (f == "--cuda-device") {
+      if (!ParseInt(v, &n) || n >= strata::worker::VisibleCudaDevices()) {
+        std::fprintf(stderr,
+                     "strata-worker: --cuda-device: '%s' is not a visible CUDA device index "
+                     "(%d visible)\n",
+                     v.c_str(), strata::worker::VisibleCudaDevices());
+        return 2;
+      }
+      o.cuda_device = static_cast<int>(n);
     } else if (f == "--threads") {
       if (!ParseInt(v, &n)) {
         std::fprintf(stderr, "strata-worker: --threads: '%s' is not a non-negative integer\n",
@@ -258,6 +318,41 @@ int Main(int argc, char** argv) {
   if (!groups.ok()) return Fail(rank, "process groups", groups.status());
 
   strata::worker::TrainOptions opt;
+  // device cuda: the tensor- and data-parallel groups must take device buffers. NCCL when every
+  // rank has a GPU of its own (NCCL needs one device per rank), else the MPI groups wrapped with
+  // host staging. The decision is the same on every rank (a max over the world). The pipeline
+  // group stays the plain MPI group: activations travel through host memory in v1.
+  const std::string device = a.device.empty() ? spec->resources().device() : a.device;
+  if (device == "cuda") {
+    st = strata::worker::CudaUsable();
+    if (!st.ok()) return Fail(rank, "device", st);
+    const int gpus = strata::worker::VisibleCudaDevices();
+    opt.device = "cuda";
+    opt.cuda_device = LocalRank(rank) % gpus;
+    opt.device_groups = true;
+    int32_t shared = LocalSize(world_size) > gpus ? 1 : 0;
+    st = (*world)
+             ->AllReduce(&shared, 1, strata::comm::ElemType::kI32, strata::comm::ReduceOp::kMax)
+             ->Wait(opt.comm_timeout);
+    if (!st.ok()) return Fail(rank, "device placement", st);
+    const bool nccl = shared == 0 && strata::comm::NcclAvailable();
+    for (std::unique_ptr<strata::comm::ProcessGroup>* g : {&groups->tp, &groups->dp}) {
+      if ((*g)->size() == 1) continue;  // never used by the trainer
+      if (nccl) {
+        auto made = NcclOver(**g, opt.cuda_device, opt.comm_timeout);
+        if (!made.ok()) return Fail(rank, "NCCL group " + (*g)->name(), made.status());
+        *g = std::move(*made);  // the MPI group is no longer needed
+      } else {
+        strata::comm::HostStagingOptions so;
+        so.device = opt.cuda_device;
+        *g = strata::comm::WrapWithHostStaging(std::move(*g), so);
+      }
+    }
+    if (rank == 0) {
+      spdlog::info("device cuda: {} GPU(s) visible per node; tp/dp groups: {}", gpus,
+                   nccl ? "NCCL" : "MPI with host staging");
+    }
+  }
   opt.threads = a.threads >= 0 ? a.threads : DefaultThreads();
   opt.max_steps = a.max_steps;
   opt.log_steps = rank == 0;

@@ -639,6 +639,21 @@ class GptImpl final : public Gpt {
 
 }  // namespace
 
+Status Gpt::CopyParamsToHost(float* dst) const {
+  std::memcpy(dst, params(), static_cast<size_t>(num_params()) * sizeof(float));
+  return Status::Ok();
+}
+
+Status Gpt::CopyParamsFromHost(const float* src) {
+  std::memcpy(params(), src, static_cast<size_t>(num_params()) * sizeof(float));
+  return Status::Ok();
+}
+
+Status Gpt::CopyGradsToHost(float* dst) const {
+  std::memcpy(dst, grads(), static_cast<size_t>(num_params()) * sizeof(float));
+  return Status::Ok();
+}
+
 Result<float> Gpt::Forward(const int32_t* inputs, const int32_t* targets, int b, int t,
                            float dloss) {
   CHECK_MSG(stage().count == 1, "Gpt::Forward runs the whole model; use ForwardStage");

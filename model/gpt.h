@@ -40,6 +40,7 @@
 
 #include "common/status.h"
 #include "model/dtype.h"
+#include "model/tensor.h"
 
 namespace strata::model {
 
@@ -138,10 +139,22 @@ class Gpt {
   virtual const std::vector<ParamTensor>& tensors() const = 0;
   virtual int64_t num_params() const = 0;  // local elements (padding included)
 
+  // Where params(), grads() and the activations live. kCpu: host memory (this file's model);
+  // kCuda: device memory (model/cuda/gpt_cuda.h) — params() and grads() are then DEVICE
+  // pointers, never to be dereferenced on the host; use the Copy* methods below.
+  virtual Device device() const { return Device::kCpu; }
+
   virtual float* params() = 0;  // fp32 master weights
   virtual float* grads() = 0;   // fp32 gradients, same layout
   const float* params() const { return const_cast<Gpt*>(this)->params(); }
   const float* grads() const { return const_cast<Gpt*>(this)->grads(); }
+
+  // Host copies of the flat buffers (num_params() floats), whatever device() is. They wait
+  // for the model's queued work. OK, or (device models) the first device error, with context.
+  // CopyParamsFromHost does not refresh the compute copy: call RefreshComputeWeights.
+  virtual Status CopyParamsToHost(float* dst) const;
+  virtual Status CopyParamsFromHost(const float* src);
+  virtual Status CopyGradsToHost(float* dst) const;
 
   // GPT-2 initialisation: N(0, 0.02), residual projections N(0, 0.02/sqrt(2*layers)), biases 0,
   // LayerNorm weight 1. Deterministic in `seed` on every platform. Refreshes compute weights.

@@ -212,5 +212,48 @@ TEST_F(ControlPlaneWireTest, ManyConnectionsAreServedByOneThread) {
   EXPECT_TRUE(cp_->List().empty());
 }
 
+TEST_F(ControlPlaneWireTest, JobsRunOnlyOnWorkersOfTheirDevice) {
+  // A CPU worker is registered; a job asking for resources.device: cuda stays PENDING (no CUDA
+  // worker), while a CPU job is assigned to it.
+  const int fd = Connect();
+  ASSERT_GE(fd, 0);
+  proto::ControlMessage hello;
+  hello.mutable_hello()->set_worker_id("cpu0");
+  hello.mutable_hello()->set_secret("s3cret");
+  hello.mutable_hello()->set_device("cpu");
+  ASSERT_TRUE(wire::WriteFrame(fd, hello).ok());
+  proto::ControlMessage reply;
+  ASSERT_TRUE(wire::ReadFrame(fd, &reply, milliseconds(5000)).ok());
+  ASSERT_TRUE(reply.hello_reply().ok());
+  const std::string text = testing::WriteText(dir_.path() + "/in.txt", 4000);
+  auto spec = [&](const char* device) {
+    return testing::SpecFromYaml(
+        fmt::format("model: {{layers: 1, heads: 1, d_model: 16, seq_len: 8}}\n"
+                    "data: {{train: {}}}\n"
+                    "train: {{steps: 2, global_batch: 2, micro_batch: 2}}\n"
+                    "resources: {{device: {}, workers: 1}}\n",
+                    text, device));
+  };
+  auto gpu = store_->Submit(spec("cuda"), "");
+  ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+  std::this_thread::sleep_for(milliseconds(500));  // five scheduler ticks
+  auto rec = store_->Get(gpu->job.id());
+  ASSERT_TRUE(rec.ok());
+  EXPECT_EQ(rec->state(), proto::JOB_STATE_PENDING) << "a CPU worker must not take a CUDA job";
+  ASSERT_TRUE(store_->Transition(gpu->job.id(), proto::JOB_STATE_CANCELLED).ok());
+  auto cpu = store_->Submit(spec("cpu"), "");
+  ASSERT_TRUE(cpu.ok());
+  // The CPU job's assignment arrives on the worker's connection.
+  bool assigned = false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!assigned && std::chrono::steady_clock::now() < deadline) {
+    proto::ControlMessage m;
+    Status s = wire::ReadFrame(fd, &m, milliseconds(200));
+    if (s.ok() && m.has_assign()) assigned = m.assign().job_id() == cpu->job.id();
+  }
+  EXPECT_TRUE(assigned);
+  ::close(fd);
+}
+
 }  // namespace
 }  // namespace strata

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <thread>
 
+#include "comm/device_staged.h"
 #include "comm/gloo.h"
 #include "comm/grid.h"
 #include "comm/tcp_store.h"
@@ -159,6 +160,13 @@ class RankRunner {
     const proto::ParallelSpec& par = a.job().parallel();
     ASSIGN_OR_RETURN(comm::Grid grid, comm::Grid::Create(a.world(), par.dp(), par.tp(), par.pp()));
     ASSIGN_OR_RETURN(comm::GridGroups groups, comm::SplitGrid(*world, grid));
+    const bool cuda = options_.device == "cuda";
+    if (cuda) {
+      comm::HostStagingOptions staging;
+      staging.device = options_.cuda_device;
+      groups.dp = comm::WrapWithHostStaging(std::move(groups.dp), staging);
+      groups.tp = comm::WrapWithHostStaging(std::move(groups.tp), staging);
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       groups_ = {world.get(), groups.dp.get(), groups.tp.get(), groups.pp.get()};
@@ -166,6 +174,11 @@ class RankRunner {
     }
     TrainOptions opt;
     opt.threads = options_.threads;
+    if (cuda) {
+      opt.device = "cuda";
+      opt.cuda_device = options_.cuda_device;
+      opt.device_groups = true;  // dp and tp take device buffers (staged), pp host buffers
+    }
     opt.log_steps = a.rank() == 0;
     opt.dp_group = groups.dp.get();
     opt.tp_group = groups.tp.get();
@@ -257,7 +270,7 @@ Status Session(const DaemonOptions& options, const std::atomic<bool>* stop, int 
   proto::WorkerHello* h = hello.mutable_hello();
   h->set_worker_id(options.worker_id);
   h->set_host(options.host);
-  h->set_device("cpu");
+  h->set_device(options.device);
   h->set_gemm_flops(model::MeasuredGemmFlops());
   h->set_threads(model::NumThreads());
   h->set_secret(options.secret);

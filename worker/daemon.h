@@ -24,6 +24,12 @@ struct DaemonOptions {
   int threads = -1;                // compute threads (-1: the job's resources.threads)
   std::string secret;              // the control plane's shared secret, if it has one
   std::chrono::milliseconds collective_timeout{10000};
+  // "cpu" or "cuda": registered with the coordinator, which assigns this worker only jobs of
+  // that resources.device. With cuda the rank trains on CUDA device `cuda_device`; its data-
+  // and tensor-parallel groups are Gloo groups wrapped with host staging (comm/device_staged.h:
+  // correct, not fast — NCCL through the rendezvous store is not wired into daemon mode yet).
+  std::string device = "cpu";
+  int cuda_device = 0;
 };
 
 // Runs until *stop becomes true. Returns OK then; INVALID_ARGUMENT for bad options or when the

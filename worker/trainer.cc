@@ -32,9 +32,16 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   const model::GptConfig cfg = GptConfigFromSpec(spec);
   RETURN_IF_ERROR(cfg.Validate());
   ASSIGN_OR_RETURN(model::DType dtype, model::ParseDType(spec.train().precision()));
+  const std::string device = options.device.empty() ? spec.resources().device() : options.device;
+  if (!device.empty() && device != "cpu" && device != "cuda") {
+    return InvalidArgument("resources.device: unknown device '" + device + "'; use cpu or cuda");
+  }
+  const bool cuda = device == "cuda";
+  if (cuda) RETURN_IF_ERROR(CudaUsable());  // before anything slow: the clearest error first
   ASSIGN_OR_RETURN(Dataset data,
                    Dataset::Open(spec.data(), cfg.vocab_size, spec.model().seq_len()));
   std::unique_ptr<Trainer> t(new Trainer(spec, options, std::move(data)));
+  t->cuda_ = cuda;
   model::SetNumThreads(options.threads >= 0 ? options.threads : spec.resources().threads());
   t->micro_ = spec.train().micro_batch();
   t->seq_ = spec.model().seq_len();
@@ -67,8 +74,19 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
     stage.count = t->pp_;
     slots = PipelineSlots(t->schedule_, t->pp_, t->pp_rank_, t->accum_);
   }
-  ASSIGN_OR_RETURN(t->model_, model::Gpt::Create(cfg, dtype, t->micro_, t->seq_, t->tp_comm_.get(),
-                                                 stage, slots));
+  if (cuda && (t->dp_ > 1 || t->tp_ > 1) && !options.device_groups) {
+    return FailedPrecondition(
+        "resources.device: cuda with parallel.dp or parallel.tp > 1 needs process groups that "
+        "take device buffers (NCCL or host-staged); this launcher passed CPU groups");
+  }
+  if (cuda) {
+    ASSIGN_OR_RETURN(t->model_, CreateCudaModel(cfg, dtype, t->micro_, t->seq_, t->tp_comm_.get(),
+                                                stage, slots, options.cuda_device));
+    ASSIGN_OR_RETURN(t->dev_, CreateDeviceOps(*t->model_));
+  } else {
+    ASSIGN_OR_RETURN(t->model_, model::Gpt::Create(cfg, dtype, t->micro_, t->seq_,
+                                                   t->tp_comm_.get(), stage, slots));
+  }
   t->model_->InitWeights(spec.train().seed());
   if (!spec.model().init_from().empty()) RETURN_IF_ERROR(t->InitFrom(spec.model().init_from()));
   model::AdamWConfig ac;
@@ -89,6 +107,7 @@ Result<std::unique_ptr<Trainer>> Trainer::Create(const proto::JobSpec& spec,
   } else {
     t->adam_ = std::make_unique<model::AdamW>(t->model_->tensors(), n, ac);
   }
+  if (cuda) RETURN_IF_ERROR(t->InitCuda(ac, t->adam_->offset(), t->adam_->size()));
   t->fp16_ = dtype == model::DType::kF16;
   t->scaler_ =
       model::LossScaler(options.initial_loss_scale, 2.f, 0.5f, options.loss_scale_growth_interval);
@@ -137,7 +156,9 @@ Status Trainer::InitFrom(const std::string& path) {
   if (!tensors.ok()) {
     return InvalidArgument("model.init_from: " + tensors.status().message());
   }
-  float* params = model_->params();
+  // CUDA: written into host memory, then uploaded (every element is written below).
+  std::vector<float> staged(cuda_ ? static_cast<size_t>(model_->num_params()) : 0);
+  float* params = cuda_ ? staged.data() : model_->params();
   for (const model::ParamTensor& t : model_->tensors()) {
     const std::vector<float>& global = tensors->at(t.name);
     for (int64_t i = 0; i < t.numel; ++i) {
@@ -145,13 +166,15 @@ Status Trainer::InitFrom(const std::string& path) {
       params[t.offset + i] = g >= 0 ? global[static_cast<size_t>(g)] : 0.f;
     }
   }
+  if (cuda_) RETURN_IF_ERROR(model_->CopyParamsFromHost(params));
   model_->RefreshComputeWeights();
   return Status::Ok();
 }
 
 std::vector<SaveItem> Trainer::CheckpointItems() const {
   std::vector<SaveItem> items;
-  const float* params = model_->params();
+  // CUDA: the host mirrors (filled by PullToHostMirrors before a save).
+  const float* params = cuda_ ? host_params_.data() : model_->params();
   // Optimizer state of elements [lo, hi) of the flat buffer lives at m()/v() + (i - lo).
   const int64_t lo = adam_->offset(), hi = lo + adam_->size();
   model::AdamW& adam = *adam_;
@@ -200,6 +223,7 @@ proto::Manifest Trainer::ManifestBase() const {
 Status Trainer::SaveCheckpoint(double* stall_seconds) {
   if (!saver_) return FailedPrecondition("checkpoint.dir is not set; nothing to save to");
   last_saved_step_ = step_;
+  if (cuda_) RETURN_IF_ERROR(PullToHostMirrors().WithContext("checkpoint snapshot"));
   return saver_->Save(ManifestBase(), CheckpointItems(), stall_seconds);
 }
 
@@ -209,6 +233,10 @@ Result<int> Trainer::MaxOverWorld(int v) {
   int32_t x = v;
   for (comm::ProcessGroup* g : {options_.tp_group, options_.pp_group, options_.dp_group}) {
     if (g == nullptr || g->size() == 1) continue;
+    if (DeviceGroup(g)) {
+      RETURN_IF_ERROR(AllReduceScalar(g, &x, comm::ElemType::kI32, comm::ReduceOp::kMax));
+      continue;
+    }
     std::unique_ptr<comm::Work> w = g->AllReduce(&x, 1, comm::ElemType::kI32, comm::ReduceOp::kMax);
     RETURN_IF_ERROR(w->Wait(options_.comm_timeout));
   }
@@ -217,7 +245,10 @@ Result<int> Trainer::MaxOverWorld(int v) {
 
 Status Trainer::LoadCheckpoint(checkpoint::CheckpointReader& reader) {
   const proto::Manifest& m = reader.manifest();
-  float* params = model_->params();
+  // CUDA: read into the host mirrors (first refreshed, so that what the checkpoint does not
+  // cover keeps its device value), then uploaded.
+  if (cuda_) RETURN_IF_ERROR(PullToHostMirrors());
+  float* params = cuda_ ? host_params_.data() : model_->params();
   const int64_t lo = adam_->offset(), hi = lo + adam_->size();
   std::vector<checkpoint::CheckpointReader::ReadRequest> reads;
   for (const model::ParamTensor& t : model_->tensors()) {
@@ -229,6 +260,7 @@ Status Trainer::LoadCheckpoint(checkpoint::CheckpointReader& reader) {
     reads.push_back({"adam_v/" + t.name, l, adam_->v() + (a - lo)});
   }
   RETURN_IF_ERROR(reader.ReadMany(reads));
+  if (cuda_) RETURN_IF_ERROR(PushFromHostMirrors());
   model_->RefreshComputeWeights();
   const proto::TrainerState& s = m.trainer();
   step_ = s.step();
@@ -421,6 +453,7 @@ Status Trainer::WaitAll(std::vector<std::unique_ptr<comm::Work>>* works) {
 }
 
 Result<StepStats> Trainer::Step() {
+  if (cuda_) return StepCuda();
   const auto t0 = std::chrono::steady_clock::now();
   StepStats st;
   st.step = step_;
@@ -614,7 +647,7 @@ Result<float> Trainer::EvalLoss() {
 Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
   TrainSummary sum;
   const auto t0 = std::chrono::steady_clock::now();
-  double timed_tokens = 0.0, timed_seconds = 0.0;
+  double timed_tokens = 0.0, timed_seconds = 0.0, comm_wait_total = 0.0;
   const int log_every = std::max(1, spec_.train().log_every());
   std::FILE* metrics = nullptr;
   if (!options_.metrics_path.empty()) {
@@ -654,6 +687,7 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
       std::fflush(metrics);
     }
     if (options_.on_step) options_.on_step(st);
+    comm_wait_total += st.comm_wait_seconds;
     if (sum.steps == 0) sum.first_loss = st.loss;
     sum.last_loss = st.loss;
     ++sum.steps;
@@ -689,6 +723,10 @@ Result<TrainSummary> Trainer::Run(const std::atomic<bool>* stop) {
     Status waited = saver_->Wait();
     if (saved.ok()) saved = waited;
     if (!saved.ok() && spec_.checkpoint().stop_on_error()) return saved;
+  }
+  if (dev_) {  // CUDA with STRATA_CUDA_PROFILE=1: the kernel-class breakdown
+    const std::string report = dev_->ProfileReport(comm_wait_total);
+    if (!report.empty() && options_.log_steps) spdlog::info("{}", report);
   }
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   sum.tokens_per_second = timed_seconds > 0 ? timed_tokens / timed_seconds : 0.0;

@@ -20,6 +20,7 @@
 #include "proto/job.pb.h"
 #include "worker/checkpointing.h"
 #include "worker/data.h"
+#include "worker/device_ops.h"
 #include "worker/pipeline.h"
 
 namespace strata::worker {
@@ -73,6 +74,18 @@ struct TrainOptions {
   // Called once this rank's shards of a checkpoint step are durable or failed (SaverOptions::
   // on_written); daemon mode reports it to the coordinator, which commits (external_commit).
   std::function<void(const proto::Manifest&, const Status&)> on_checkpoint_written;
+
+  // Device: "" follows resources.device; "cpu" or "cuda" overrides it (strata train --device).
+  // With cuda the model, its gradients and the AdamW state live on CUDA device `cuda_device`
+  // (worker/device_ops.h); a build without CUDA answers INVALID_ARGUMENT, a machine without a
+  // visible device UNAVAILABLE. Groups under cuda: dp_group and tp_group receive DEVICE buffers
+  // (gradients, activations, and the step's scalars through a small device buffer), so they
+  // must be NCCL groups (comm/nccl.h) or CPU groups wrapped with host staging
+  // (comm/device_staged.h) — set `device_groups` to say so; the pipeline group carries HOST
+  // buffers (activations are copied through host memory in v1), so it is a CPU group.
+  std::string device;
+  int cuda_device = 0;
+  bool device_groups = false;
 };
 
 struct StepStats {
@@ -178,6 +191,10 @@ class Trainer {
   TrainOptions options_;
   Dataset data_;
   std::unique_ptr<model::Gpt> model_;
+  // CUDA only: device operations on the model's stream (declared after model_: destroyed
+  // first). AdamW's moments then live on the device (dev_->m(), v()), and adam_ below holds
+  // their host mirror for checkpoints, with host_params_ the mirror of the parameters.
+  std::unique_ptr<DeviceOps> dev_;
   std::unique_ptr<model::AdamW> adam_;
   model::LossScaler scaler_;
   bool fp16_ = false;
@@ -197,6 +214,30 @@ class Trainer {
   // Sum of squares of the gradients in `g` (elements [lo, lo + n) of the local flat buffer),
   // counting replicated tensors on tensor-parallel rank 0 only.
   double LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const;
+
+  // The CUDA path (trainer_cuda.cc): Step with device gradients and a device optimizer.
+  bool cuda_ = false;
+  bool dp_ordered_ = false;         // the dp group orders its ops after the model's stream (NCCL)
+  void* dev_scalar_ = nullptr;      // device scratch for one scalar collective (8 bytes)
+  double* dev_sumsq_ = nullptr;     // device accumulator of the gradient norm
+  float* dev_shard_ = nullptr;      // ZeRO-1: this rank's reduced gradient shard (device)
+  float* dev_padded_ = nullptr;     // ZeRO-1, n % dp != 0 only (device)
+  std::vector<float> host_params_;  // host mirror of the parameters for checkpoints
+  Status InitCuda(const model::AdamWConfig& ac, int64_t lo, int64_t count);
+  Result<StepStats> StepCuda();
+  // One scalar collective over `g`, staged through dev_scalar_ when g takes device buffers.
+  Status AllReduceScalar(comm::ProcessGroup* g, void* value, comm::ElemType type,
+                         comm::ReduceOp op);
+  bool DeviceGroup(const comm::ProcessGroup* g) const {
+    return cuda_ && g != nullptr && g != options_.pp_group;
+  }
+  // LocalSumOfSquares of device gradients (waits for the result).
+  Result<double> DeviceSumOfSquares(const float* g, int64_t lo, int64_t n);
+  // SumTiedEmbeddingGrads for device gradients, exchanged through host memory.
+  Status SumTiedEmbeddingGradsCuda();
+  // Host mirrors <- device (before a save) and device <- host mirrors (after a load).
+  Status PullToHostMirrors();
+  Status PushFromHostMirrors();
 
   int micro_ = 0, accum_ = 0, seq_ = 0;
   int dp_ = 1, dp_rank_ = 0, tp_ = 1, tp_rank_ = 0, pp_ = 1, pp_rank_ = 0;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 
 #include "model/cuda/ops_common.h"
@@ -35,5 +36,16 @@ class CudaBlas {
                       int lda, const void* b, int ldb, float beta, void* c, int ldc, DType dtype,
                       void* stream) = 0;
 };
+
+// Counters of a CudaBlas made by CudaBlas::Create (all zero for any other implementation).
+// A plan (descriptors, layouts and the heuristic's algorithm) is cached per GEMM shape, dtype,
+// epilogue and operand alignment, so after the first training step heuristic_queries stops
+// growing.
+struct CudaBlasStats {
+  int64_t heuristic_queries = 0;  // cublasLtMatmulAlgoGetHeuristic calls (plan cache misses)
+  int64_t cached_plans = 0;
+  int64_t matmuls = 0;  // cublasLtMatmul calls queued
+};
+CudaBlasStats GetCudaBlasStats(const CudaBlas& blas);
 
 }  // namespace strata::model

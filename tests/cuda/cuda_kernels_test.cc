@@ -16,15 +16,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "model/cuda/cuda_runtime_info.h"
 #include "model/cuda/elementwise_cuda.h"
+#include "model/dtype.h"
 #include "model/kernels/elementwise.h"
+#include "tests/cuda/cuda_test_util.h"
 
 namespace strata::model {
 namespace {
@@ -202,6 +207,262 @@ TEST_P(CudaVsCpuTest, ResidualForward) {
 INSTANTIATE_TEST_SUITE_P(OddSizes, CudaVsCpuTest,
                          ::testing::Values<int64_t>(1, 1000, (int64_t{1} << 20) + 3),
                          ::testing::PrintToStringParamName());
+
+// ---- typed versions (T = fp32, bf16, fp16) ----------------------------------------------------
+//
+// Inputs are T values, so both sides start from the same numbers. GELU: the fp32 results differ
+// as bounded above (kRelTol of the cancelling terms); rounding two such fp32 values to T can then
+// differ by at most one more ulp of T (2^-7 relative for bf16, 2^-10 for fp16, plus 2^-24
+// absolute for fp16 subnormals). The residual add and the bias add are one fp32 addition and one
+// rounding on both sides: bitwise. The bias gradient is compared with a double-precision sum:
+// the GPU adds ceil(n/32) rows per lane, then 32 lanes, then the old value, so its error is at
+// most (ceil(n/32) + 34) 2^-24 (sum of |terms| + |old|) (the T inputs are exact in fp32).
+
+template <typename T>
+double UlpOfT(double x) {
+  if constexpr (std::is_same_v<T, bf16>) return std::fabs(x) / 128;
+  if constexpr (std::is_same_v<T, f16>) return std::fabs(x) / 1024 + 1.0 / (1 << 24);
+  return 0.0;
+}
+
+template <typename T>
+std::vector<float> AsFloats(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = ToFloat(v[i]);
+  return out;
+}
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// |got - want| <= tol(i) everywhere.
+::testing::AssertionResult WithinTol(const std::vector<float>& got, const std::vector<float>& want,
+                                     const std::function<double(size_t)>& tol) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size mismatch";
+  size_t bad = 0;
+  std::ostringstream first;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double diff = std::fabs(static_cast<double>(got[i]) - want[i]);
+    if (!(diff <= tol(i))) {
+      if (bad < 5) first << "\n  [" << i << "] got " << got[i] << " want " << want[i];
+      ++bad;
+    }
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << bad << " of " << got.size() << " out of tolerance" << first.str();
+}
+
+// Device copy of `v` starting `offset` elements into its buffer (offset 1 defeats the 16-byte
+// vector path).
+template <typename T>
+struct DevVec {
+  DeviceBuffer buf;
+  size_t offset = 0;
+  T* ptr() const { return buf.as<T>() + offset; }
+};
+
+template <typename T>
+DevVec<T> ToDev(const std::vector<T>& v, size_t offset) {
+  std::vector<T> padded(offset, T{});
+  padded.insert(padded.end(), v.begin(), v.end());
+  auto dev = testing::ToDevice(padded);
+  EXPECT_TRUE(dev.ok()) << dev.status().ToString();
+  return DevVec<T>{dev.ok() ? std::move(*dev) : DeviceBuffer(), offset};
+}
+
+template <typename T>
+std::vector<T> FromDev(const DevVec<T>& d, size_t n) {
+  auto host = testing::ToHost<T>(d.buf, d.offset + n);
+  EXPECT_TRUE(host.ok()) << host.status().ToString();
+  if (!host.ok()) return {};
+  return std::vector<T>(host->begin() + d.offset, host->end());
+}
+
+TEST(CudaElementwiseTest, TypedRejectBadArgumentsBeforeLaunching) {
+  float f = 0.f;
+  void* p = &f;
+  const auto kBad = StatusCode::kInvalidArgument;
+  EXPECT_EQ(CudaGeluForwardT(p, p, -1, DType::kBF16, nullptr).code(), kBad);
+  EXPECT_EQ(CudaGeluForwardT(nullptr, p, 4, DType::kBF16, nullptr).code(), kBad);
+  EXPECT_EQ(CudaGeluForwardT(p, p, 4, static_cast<DType>(99), nullptr).code(), kBad);
+  EXPECT_EQ(CudaGeluBackwardT(p, p, nullptr, 4, DType::kF16, nullptr).code(), kBad);
+  EXPECT_EQ(CudaResidualForwardT(&f, &f, nullptr, 4, DType::kF32, nullptr).code(), kBad);
+  EXPECT_EQ(CudaResidualForwardT(&f, &f, p, 4, static_cast<DType>(99), nullptr).code(), kBad);
+  EXPECT_EQ(CudaAddBias(p, p, -1, 4, DType::kF32, nullptr).code(), kBad);
+  EXPECT_EQ(CudaAddBias(p, p, 4, -1, DType::kF32, nullptr).code(), kBad);
+  EXPECT_EQ(CudaAddBias(p, nullptr, 4, 4, DType::kBF16, nullptr).code(), kBad);
+  EXPECT_EQ(CudaAddBias(p, p, 4, 4, static_cast<DType>(99), nullptr).code(), kBad);
+  EXPECT_EQ(CudaBiasBackward(&f, p, -1, 4, DType::kF16, nullptr).code(), kBad);
+  EXPECT_EQ(CudaBiasBackward(&f, p, 4, -2, DType::kF16, nullptr).code(), kBad);
+  EXPECT_EQ(CudaBiasBackward(nullptr, p, 4, 4, DType::kF16, nullptr).code(), kBad);
+  EXPECT_EQ(CudaBiasBackward(&f, p, 4, 4, static_cast<DType>(99), nullptr).code(), kBad);
+  // Empty work is a no-op that touches no device.
+  EXPECT_TRUE(CudaGeluForwardT(nullptr, nullptr, 0, DType::kBF16, nullptr).ok());
+  EXPECT_TRUE(CudaGeluBackwardT(nullptr, nullptr, nullptr, 0, DType::kF16, nullptr).ok());
+  EXPECT_TRUE(CudaResidualForwardT(nullptr, nullptr, nullptr, 0, DType::kF32, nullptr).ok());
+  EXPECT_TRUE(CudaAddBias(nullptr, nullptr, 0, 16, DType::kBF16, nullptr).ok());
+  EXPECT_TRUE(CudaAddBias(nullptr, nullptr, 16, 0, DType::kBF16, nullptr).ok());
+  EXPECT_TRUE(CudaBiasBackward(nullptr, nullptr, 0, 16, DType::kF16, nullptr).ok());
+}
+
+template <typename T>
+void CheckTypedGelu(int64_t n, size_t offset, DType dtype) {
+  const size_t un = static_cast<size_t>(n);
+  const auto x = testing::Round<T>(Uniform(un, -6.f, 6.f, 11));
+  const auto g = testing::Round<T>(Uniform(un, -1.f, 1.f, 12));
+  const auto xf = AsFloats(x), gf = AsFloats(g);
+
+  std::vector<T> want_fwd(un), want_bwd(un);
+  GeluForward<T>(want_fwd.data(), x.data(), n);
+  GeluBackward<T>(want_bwd.data(), x.data(), g.data(), n);
+
+  auto d_x = ToDev(x, offset);
+  auto d_y = ToDev(std::vector<T>(un), offset);
+  auto d_g = ToDev(g, offset);
+  Status st = CudaGeluForwardT(d_y.ptr(), d_x.ptr(), n, dtype, nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  // In place, dinp aliasing dout.
+  st = CudaGeluBackwardT(d_g.ptr(), d_x.ptr(), d_g.ptr(), n, dtype, nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  const auto got_fwd = AsFloats(FromDev(d_y, un));
+  const auto got_bwd = AsFloats(FromDev(d_g, un));
+  const auto wf = AsFloats(want_fwd), wb = AsFloats(want_bwd);
+
+  EXPECT_TRUE(WithinTol(got_fwd, wf, [&](size_t i) {
+    const double scale = 0.5 * std::fabs(xf[i]) * (1.0 + std::fabs(TanhU(xf[i])));
+    return kRelTol * scale + UlpOfT<T>(std::max(std::fabs(wf[i]), std::fabs(got_fwd[i])));
+  })) << "GeluForwardT";
+  EXPECT_TRUE(WithinTol(got_bwd, wb, [&](size_t i) {
+    const double ax = std::fabs(xf[i]);
+    const double terms = 0.5 * (1.0 + std::fabs(TanhU(xf[i]))) +
+                         0.5 * ax * kGeluScale * (1.0 + 3.0 * kGeluCubic * ax * ax);
+    return kRelTol * std::fabs(gf[i]) * terms +
+           UlpOfT<T>(std::max(std::fabs(wb[i]), std::fabs(got_bwd[i])));
+  })) << "GeluBackwardT";
+}
+
+template <typename T>
+void CheckTypedResidual(int64_t n, size_t offset, DType dtype) {
+  const size_t un = static_cast<size_t>(n);
+  const auto a = Uniform(un, -10.f, 10.f, 13);
+  const auto b = testing::Round<T>(Uniform(un, -10.f, 10.f, 14));
+  std::vector<float> want(un);
+  ResidualForward<T>(want.data(), a.data(), b.data(), n);
+  auto d_a = ToDev(a, offset);
+  auto d_b = ToDev(b, offset);
+  // In place, out aliasing a.
+  const Status st = CudaResidualForwardT(d_a.ptr(), d_a.ptr(), d_b.ptr(), n, dtype, nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_TRUE(SameBits(FromDev(d_a, un), want)) << "ResidualForwardT";
+}
+
+template <typename T>
+void CheckBias(int64_t rows, int c, size_t offset, DType dtype) {
+  const size_t nc = static_cast<size_t>(rows) * c;
+  const auto x = testing::Round<T>(Uniform(nc, -4.f, 4.f, 15));
+  const auto bias = testing::Round<T>(Uniform(c, -1.f, 1.f, 16));
+  const auto dbias0 = Uniform(c, -1.f, 1.f, 17);
+
+  std::vector<T> want = x;
+  AddBias<T>(want.data(), bias.data(), rows, c);
+  auto d_x = ToDev(x, offset);
+  auto d_bias = ToDev(bias, offset);
+  Status st = CudaAddBias(d_x.ptr(), d_bias.ptr(), rows, c, dtype, nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_TRUE(SameBits(AsFloats(FromDev(d_x, nc)), AsFloats(want))) << "AddBias";
+
+  // Bias gradient of x (as dout), twice: the runs must agree bitwise.
+  const auto xf = AsFloats(x);
+  std::vector<double> ref(c), mag(c);
+  for (int j = 0; j < c; ++j) ref[j] = dbias0[j], mag[j] = std::fabs(dbias0[j]);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int j = 0; j < c; ++j) {
+      ref[j] += xf[r * c + j];
+      mag[j] += std::fabs(xf[r * c + j]);
+    }
+  }
+  const std::vector<float> ref_f(ref.begin(), ref.end());
+  const double k = ((rows + 31) / 32 + 34) / static_cast<double>(1 << 24);
+  auto d_dout = ToDev(x, offset);
+  std::vector<float> first;
+  for (int run = 0; run < 2; ++run) {
+    auto d_db = ToDev(dbias0, offset);
+    st = CudaBiasBackward(d_db.ptr(), d_dout.ptr(), rows, c, dtype, nullptr);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    auto got = FromDev(d_db, c);
+    EXPECT_TRUE(WithinTol(got, ref_f, [&](size_t j) {
+      return k * mag[j] + std::fabs(ref[j]) / (1 << 24);
+    })) << "BiasBackward";
+    if (run == 0) {
+      first = got;
+    } else {
+      EXPECT_TRUE(SameBits(got, first)) << "BiasBackward differs between two runs";
+    }
+  }
+}
+
+struct TypedCase {
+  int64_t rows;
+  int c;
+  size_t offset;
+};
+
+class CudaTypedVsCpuTest : public ::testing::TestWithParam<std::tuple<DType, TypedCase>> {
+ protected:
+  void SetUp() override { STRATA_REQUIRE_GPU(); }
+  DType dtype() const { return std::get<0>(GetParam()); }
+  const TypedCase& tc() const { return std::get<1>(GetParam()); }
+  int64_t n() const { return tc().rows * tc().c; }
+};
+
+#define STRATA_DISPATCH_T(dtype, CALL) \
+  switch (dtype) {                     \
+    case DType::kF32: {                \
+      using T = float;                 \
+      CALL;                            \
+      break;                           \
+    }                                  \
+    case DType::kBF16: {               \
+      using T = bf16;                  \
+      CALL;                            \
+      break;                           \
+    }                                  \
+    case DType::kF16: {                \
+      using T = f16;                   \
+      CALL;                            \
+      break;                           \
+    }                                  \
+  }
+
+TEST_P(CudaTypedVsCpuTest, Gelu) {
+  STRATA_DISPATCH_T(dtype(), CheckTypedGelu<T>(n(), tc().offset, dtype()));
+}
+
+TEST_P(CudaTypedVsCpuTest, Residual) {
+  STRATA_DISPATCH_T(dtype(), CheckTypedResidual<T>(n(), tc().offset, dtype()));
+}
+
+TEST_P(CudaTypedVsCpuTest, BiasAddAndGradient) {
+  STRATA_DISPATCH_T(dtype(), CheckBias<T>(tc().rows, tc().c, tc().offset, dtype()));
+}
+
+#undef STRATA_DISPATCH_T
+
+std::string TypedName(const ::testing::TestParamInfo<std::tuple<DType, TypedCase>>& info) {
+  const TypedCase& k = std::get<1>(info.param);
+  return std::string(DTypeName(std::get<0>(info.param))) + "_rows" + std::to_string(k.rows) + "_c" +
+         std::to_string(k.c) + (k.offset ? "_shifted" : "");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaTypedVsCpuTest,
+    ::testing::Combine(::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
+                       ::testing::Values(TypedCase{1, 1, 0}, TypedCase{3, 7, 0},
+                                         TypedCase{37, 768, 0}, TypedCase{37, 768, 1},
+                                         TypedCase{1000, 1001, 0}, TypedCase{4099, 64, 0})),
+    TypedName);
 
 }  // namespace
 }  // namespace strata::model
