@@ -5,6 +5,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "model/gpt_layout.h"
 #include "model/kernels/attention.h"
 #include "model/kernels/elementwise.h"
 #include "model/kernels/layernorm.h"
@@ -68,124 +69,6 @@ LayerRange StageLayers(int layers, const PipelineStage& stage) {
 
 namespace {
 
-// Indices of a block's tensors within ParamTensor order.
-enum BlockParam {
-  kLn1W,
-  kLn1B,
-  kQkvW,
-  kQkvB,
-  kAttProjW,
-  kAttProjB,
-  kLn2W,
-  kLn2B,
-  kFcW,
-  kFcB,
-  kFcProjW,
-  kFcProjB,
-  kNumBlockParams
-};
-
-// How this rank's tensors relate to the unsharded model's.
-struct TpShape {
-  int size = 1;
-  int rank = 0;
-  int64_t vocab_rows = 0;   // local wte rows, padding included
-  int64_t vocab_lo = 0;     // first global token of this rank's rows
-  int64_t vocab_valid = 0;  // rows that are real tokens (the rest is padding)
-};
-
-TpShape MakeTpShape(const GptConfig& cfg, int size, int rank) {
-  TpShape s;
-  s.size = size;
-  s.rank = rank;
-  s.vocab_rows = (cfg.vocab_size + size - 1) / size;
-  s.vocab_lo = s.vocab_rows * rank;
-  s.vocab_valid = std::clamp<int64_t>(cfg.vocab_size - s.vocab_lo, 0, s.vocab_rows);
-  return s;
-}
-
-// Index of each tensor in the pp = 1 layout: InitWeights draws tensor i from stream i, so a
-// stage's tensors get the pp = 1 weights.
-constexpr int kWteStream = 0, kWpeStream = 1, kFirstBlockStream = 2;
-
-// The stage's tensors, in buffer order, and each one's pp = 1 index (its init stream).
-std::vector<ParamTensor> BuildLayout(const GptConfig& cfg, const TpShape& tp,
-                                     const PipelineStage& stage, std::vector<int>* streams) {
-  std::vector<ParamTensor> ts;
-  int64_t off = 0;
-  int stream = 0;
-  auto push = [&](ParamTensor p) {
-    p.numel = NumElements(p.shape);
-    p.offset = off;
-    off += p.numel;
-    ts.push_back(std::move(p));
-    streams->push_back(stream++);
-  };
-  auto replicated = [&](std::string name, std::vector<int64_t> shape, bool decay) {
-    ParamTensor p;
-    p.name = std::move(name);
-    p.shape = shape;
-    p.global_shape = std::move(shape);
-    p.decay = decay;
-    push(std::move(p));
-  };
-  // Split dimension `dim` of `shape` (made of `blocks` equal blocks) evenly over the TP group.
-  auto split = [&](std::string name, std::vector<int64_t> shape, int dim, int blocks, bool decay) {
-    ParamTensor p;
-    p.name = std::move(name);
-    p.global_shape = shape;
-    p.shard_dim = dim;
-    p.shard_blocks = blocks;
-    p.shard_extent = shape[static_cast<size_t>(dim)] / blocks / tp.size;
-    p.shard_offset = p.shard_extent * tp.rank;
-    shape[static_cast<size_t>(dim)] = p.shard_extent * blocks;
-    p.shape = std::move(shape);
-    p.decay = decay;
-    push(std::move(p));
-  };
-  const int64_t c = cfg.channels;
-  const LayerRange range = StageLayers(cfg.layers, stage);
-  if (stage.first() || stage.last()) {
-    ParamTensor wte;  // vocabulary-parallel, padded
-    wte.name = "wte.weight";
-    wte.shape = {tp.vocab_rows, c};
-    wte.global_shape = {cfg.vocab_size, c};
-    wte.shard_dim = 0;
-    wte.shard_offset = tp.vocab_lo;
-    wte.shard_extent = tp.vocab_valid;
-    wte.decay = true;
-    wte.pipeline_tied = stage.count > 1;
-    stream = kWteStream;
-    push(std::move(wte));
-  }
-  if (stage.first()) {
-    stream = kWpeStream;
-    replicated("wpe.weight", {cfg.max_seq_len, c}, true);
-  }
-  for (int l = range.begin; l < range.end; ++l) {
-    stream = kFirstBlockStream + l * kNumBlockParams;
-    const std::string h = "h." + std::to_string(l) + ".";
-    replicated(h + "ln_1.weight", {c}, false);
-    replicated(h + "ln_1.bias", {c}, false);
-    split(h + "attn.c_attn.weight", {3 * c, c}, 0, 3, true);  // column-parallel, q | k | v
-    split(h + "attn.c_attn.bias", {3 * c}, 0, 3, false);
-    split(h + "attn.c_proj.weight", {c, c}, 1, 1, true);  // row-parallel
-    replicated(h + "attn.c_proj.bias", {c}, false);
-    replicated(h + "ln_2.weight", {c}, false);
-    replicated(h + "ln_2.bias", {c}, false);
-    split(h + "mlp.c_fc.weight", {4 * c, c}, 0, 1, true);  // column-parallel
-    split(h + "mlp.c_fc.bias", {4 * c}, 0, 1, false);
-    split(h + "mlp.c_proj.weight", {c, 4 * c}, 1, 1, true);  // row-parallel
-    replicated(h + "mlp.c_proj.bias", {c}, false);
-  }
-  if (stage.last()) {
-    stream = kFirstBlockStream + cfg.layers * kNumBlockParams;
-    replicated("ln_f.weight", {c}, false);
-    replicated("ln_f.bias", {c}, false);
-  }
-  return ts;
-}
-
 // The local index along p.shard_dim of global index j along it, or -1 when another rank holds
 // it. (Replicated tensors: j.) The inverse of ParamTensor::GlobalIndex along one dimension.
 int64_t LocalSlot(const ParamTensor& p, int64_t j) {
@@ -207,23 +90,18 @@ class GptImpl final : public Gpt {
         max_b_(max_batch),
         max_t_(max_seq),
         tp_(tp),
-        shard_(MakeTpShape(cfg, tp ? tp->size() : 1, tp ? tp->rank() : 0)),
+        shard_(MakeTpShape(cfg, tp)),
         stage_(stage),
         range_(StageLayers(cfg.layers, stage)),
         nl_(range_.end - range_.begin),
-        layout_(BuildLayout(cfg, shard_, stage, &streams_)),
+        layout_(BuildGptLayout(cfg, shard_, stage, &streams_)),
+        ix_(IndexGptLayout(stage, nl_, layout_)),
         c_(cfg.channels),
         cl_(cfg.channels / shard_.size),
         nhl_(cfg.heads / shard_.size),
         fcl_(4 * cfg.channels / shard_.size),
         vl_(static_cast<int>(shard_.vocab_rows)) {
-    // Positions in layout_: [wte] [wpe] blocks [ln_f] (see BuildLayout).
-    const bool has_wte = stage_.first() || stage_.last();
-    wte_ = has_wte ? 0 : -1;
-    wpe_ = stage_.first() ? 1 : -1;
-    block0_ = (has_wte ? 1 : 0) + (stage_.first() ? 1 : 0);
-    final_ = stage_.last() ? block0_ + nl_ * kNumBlockParams : -1;
-    n_params_ = layout_.back().offset + layout_.back().numel;
+    n_params_ = ix_.num_params;
     master_ = Tensor::Empty({n_params_}, DType::kF32);
     grads_ = Tensor::Empty({n_params_}, DType::kF32);
     if constexpr (!std::is_same_v<T, float>) {
@@ -298,12 +176,8 @@ class GptImpl final : public Gpt {
   Result<float> ForwardStage(int slot, const int32_t* tokens, const float* input,
                              const int32_t* targets, int b, int t, float dloss,
                              float* output) override {
-    CHECK(b > 0 && b <= max_b_ && t > 0 && t <= max_t_);
-    CHECK(slot >= 0 && slot < num_slots());
-    CHECK_MSG(stage_.first() ? tokens != nullptr : input != nullptr,
-              "ForwardStage: the first stage takes tokens, the others an input activation");
-    CHECK_MSG(stage_.last() ? targets != nullptr : output != nullptr,
-              "ForwardStage: the last stage takes targets, the others an output buffer");
+    CheckForwardStageArgs(stage_, slot, num_slots(), b, t, max_b_, max_t_, tokens, input, targets,
+                          output);
     const int64_t bt = static_cast<int64_t>(b) * t;
     const int c = c_;
     Slot& s = slots_[static_cast<size_t>(slot)];
@@ -315,10 +189,10 @@ class GptImpl final : public Gpt {
       std::memcpy(s.tokens.data(), tokens, bt * sizeof(int32_t));
       // Vocabulary-parallel lookup: each rank contributes the rows of its tokens, zeros
       // elsewhere.
-      VocabShardEmbeddingForward(s.res[0], tokens, W(wte_), shard_.vocab_lo,
+      VocabShardEmbeddingForward(s.res[0], tokens, W(ix_.wte), shard_.vocab_lo,
                                  static_cast<int>(shard_.vocab_valid), bt, c);
       RETURN_IF_ERROR(SumOverTp(s.res[0], bt * c, DType::kF32, "token embedding", -1));
-      AddPositionEmbedding(s.res[0], W(wpe_), b, t, c);
+      AddPositionEmbedding(s.res[0], W(ix_.wpe), b, t, c);
     } else {
       std::memcpy(s.res[0], input, static_cast<size_t>(bt) * c * sizeof(float));
     }
@@ -329,9 +203,9 @@ class GptImpl final : public Gpt {
       s.has_grad = dloss != 0.f;
       return 0.f;
     }
-    LayerNormForward(s.lnf, s.lnf_mean, s.lnf_rstd, s.res[static_cast<size_t>(nl_)], W(final_),
-                     W(final_ + 1), bt, c);
-    MatmulForward<T>(s.logits, s.lnf, W(wte_), nullptr, bt, c, vl_);
+    LayerNormForward(s.lnf, s.lnf_mean, s.lnf_rstd, s.res[static_cast<size_t>(nl_)], W(ix_.final),
+                     W(ix_.final + 1), bt, c);
+    MatmulForward<T>(s.logits, s.lnf, W(ix_.wte), nullptr, bt, c, vl_);
     double total = 0.0;
     if (tp_ == nullptr) {
       total = SoftmaxCrossEntropy(s.logits, losses_, targets, bt, vl_, dloss);
@@ -346,9 +220,7 @@ class GptImpl final : public Gpt {
                        const GradReadyFn& on_ready) override {
     CHECK(slot >= 0 && slot < num_slots());
     Slot& s = slots_[static_cast<size_t>(slot)];
-    CHECK_MSG(s.has_grad, "Backward() needs a Forward() with dloss != 0");
-    CHECK_MSG(stage_.last() || doutput != nullptr, "BackwardStage: a non-last stage needs doutput");
-    CHECK_MSG(stage_.first() || dinput != nullptr, "BackwardStage: a non-first stage needs dinput");
+    CheckBackwardStageArgs(stage_, s.has_grad, doutput, dinput);
     s.has_grad = false;
     cur_ = &s;
     b_ = s.b;
@@ -357,11 +229,11 @@ class GptImpl final : public Gpt {
     const int64_t bt = static_cast<int64_t>(b) * t;
     float* g = grads();
     if (stage_.last()) {
-      const int fi = final_;
+      const int fi = ix_.final;
       std::memset(dres_, 0, static_cast<size_t>(bt) * c * sizeof(float));
       // Tied LM head (column-parallel over the vocabulary): dX is a partial sum per rank.
-      MatmulBackward<T>(dln_, g + layout_[wte_].offset, nullptr, s.logits, s.lnf, W(wte_), bt, c,
-                        vl_);
+      MatmulBackward<T>(dln_, g + layout_[ix_.wte].offset, nullptr, s.logits, s.lnf, W(ix_.wte), bt,
+                        c, vl_);
       RETURN_IF_ERROR(SumOverTp(dln_, bt * c, DTypeOf<T>::value, "lm_head input gradient", -1));
       LayerNormBackward(dres_, g + layout_[fi].offset, g + layout_[fi + 1].offset, dln_,
                         s.res[static_cast<size_t>(nl_)], W(fi), s.lnf_mean, s.lnf_rstd, bt, c);
@@ -373,7 +245,7 @@ class GptImpl final : public Gpt {
       const int gl = range_.begin + l;  // global index, for error messages
       if (cfg_.recompute) RETURN_IF_ERROR(LayerForward(l));
       const Acts& a = s.acts[static_cast<size_t>(l)];
-      auto gp = [&](int k) { return g + layout_[block0_ + l * kNumBlockParams + k].offset; };
+      auto gp = [&](int k) { return g + layout_[ix_.Block(l, k)].offset; };
       // Row-parallel c_proj: dout is the full (replicated) residual gradient, so its bias
       // gradient is the same on every rank and dX is local; no collective.
       const T* branch = BranchGrad(bt * c);
@@ -393,55 +265,28 @@ class GptImpl final : public Gpt {
       LayerNormBackward(dres_, gp(kLn1W), gp(kLn1B), dln_, s.res[static_cast<size_t>(l)],
                         BW(l, kLn1W), a.ln1_mean, a.ln1_rstd, bt, c);
       if (on_ready) {
-        const ParamTensor& first = layout_[block0_ + l * kNumBlockParams];
-        const ParamTensor& last = layout_[block0_ + l * kNumBlockParams + kNumBlockParams - 1];
-        on_ready(first.offset, last.offset + last.numel - first.offset);
+        const FlatRange r = BlockRange(layout_, ix_, l);
+        on_ready(r.offset, r.count);
       }
     }
     if (stage_.first()) {
       // dres_ is replicated, so wpe's gradient is too; each rank adds to its own wte rows.
-      VocabShardEmbeddingBackward(g + layout_[wte_].offset, g + layout_[wpe_].offset, dres_,
+      VocabShardEmbeddingBackward(g + layout_[ix_.wte].offset, g + layout_[ix_.wpe].offset, dres_,
                                   s.tokens.data(), shard_.vocab_lo,
                                   static_cast<int>(shard_.vocab_valid), b, t, c);
-      if (on_ready) on_ready(0, layout_[wte_].numel + layout_[wpe_].numel);
+      if (on_ready) on_ready(0, layout_[ix_.wte].numel + layout_[ix_.wpe].numel);
       return Status::Ok();
     }
     std::memcpy(dinput, dres_, static_cast<size_t>(bt) * c * sizeof(float));
     // The LM head's wte gradient was final since the start; reported last to keep the ranges
     // in buffer order from the end.
-    if (on_ready && stage_.last()) on_ready(0, layout_[wte_].numel);
+    if (on_ready && stage_.last()) on_ready(0, layout_[ix_.wte].numel);
     return Status::Ok();
   }
 
  private:
-  struct Acts {
-    T* ln1;
-    float* ln1_mean;
-    float* ln1_rstd;
-    T* qkv;  // local heads: [BT, 3 * C / tp]
-    T* atty;
-    float* lse;
-    float* res_mid;
-    T* ln2;
-    float* ln2_mean;
-    float* ln2_rstd;
-    T* fch;  // [BT, 4 * C / tp]
-    T* fchg;
-  };
-
-  // What one micro-batch in flight keeps until its backward.
-  struct Slot {
-    std::vector<Acts> acts;   // per local block (under recompute all alias one shared set)
-    std::vector<float*> res;  // res[0] = stage input (embeddings on the first stage),
-                              // res[l + 1] = output of local block l (shared on non-last stages)
-    T* lnf = nullptr;         // last stage: ln_f output and statistics
-    float* lnf_mean = nullptr;
-    float* lnf_rstd = nullptr;
-    T* logits = nullptr;  // last stage: local [BT, V/tp]; dlogits after a dloss != 0 forward
-    std::vector<int32_t> tokens;  // first stage
-    int b = 0, t = 0;
-    bool has_grad = false;
-  };
+  using Acts = BlockActs<T*>;
+  using Slot = ActSlot<T*, std::vector<int32_t>>;
 
   // Compute-precision view of parameter tensor i.
   const T* W(int i) const {
@@ -453,7 +298,7 @@ class GptImpl final : public Gpt {
     }
   }
   // Tensor k of local block l.
-  const T* BW(int l, int k) const { return W(block0_ + l * kNumBlockParams + k); }
+  const T* BW(int l, int k) const { return W(ix_.Block(l, k)); }
 
   // The residual-stream gradient in compute precision, as the dout of a branch's last GEMM.
   const T* BranchGrad(int64_t n) {
@@ -470,11 +315,6 @@ class GptImpl final : public Gpt {
   Status SumOverTp(void* buf, int64_t n, DType type, const char* what, int layer) {
     if (tp_ == nullptr) return Status::Ok();
     return TpContext(tp_->AllReduceSum(buf, n, type), what, layer);
-  }
-  static Status TpContext(const Status& s, const char* what, int layer) {
-    if (s.ok()) return s;
-    return s.WithContext(std::string("tensor-parallel all-reduce of ") +
-                         (layer >= 0 ? "h." + std::to_string(layer) + "." : std::string()) + what);
   }
 
   // Output of a row-parallel linear: partial products summed over the group, then the
@@ -611,8 +451,7 @@ class GptImpl final : public Gpt {
   int nl_;                    // local blocks
   std::vector<int> streams_;  // per layout_ entry: its index in the pp = 1 layout
   std::vector<ParamTensor> layout_;
-  // Positions in layout_ of wte, wpe, the first block's first tensor, ln_f.weight (-1: absent).
-  int wte_ = -1, wpe_ = -1, block0_ = 0, final_ = -1;
+  LayoutIndex ix_;  // positions in layout_ of wte, wpe, the blocks, ln_f
   // Widths: channels, local attention channels (heads * head size on this rank), local
   // attention heads, local MLP hidden units, local (padded) vocabulary rows.
   int c_, cl_, nhl_, fcl_, vl_;
@@ -668,38 +507,10 @@ Status Gpt::Backward(const GradReadyFn& on_ready) {
 Result<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& config, DType compute, int max_batch,
                                          int max_seq, TensorParallelComm* tp,
                                          const PipelineStage& stage, int num_slots) {
-  RETURN_IF_ERROR(config.Validate());
-  if (max_batch <= 0) return InvalidArgument("micro batch must be > 0");
-  if (max_seq <= 0 || max_seq > config.max_seq_len) {
-    return InvalidArgument("model.seq_len: " + std::to_string(max_seq) +
-                           " must be in [1, max_seq_len=" + std::to_string(config.max_seq_len) +
-                           "]");
-  }
-  if (tp != nullptr) {
-    const int n = tp->size(), r = tp->rank();
-    if (n < 1 || r < 0 || r >= n) {
-      return InvalidArgument("parallel.tp: rank " + std::to_string(r) + " of a group of " +
-                             std::to_string(n) + " is not a tensor-parallel coordinate");
-    }
-    if (config.heads % n != 0) {
-      return InvalidArgument("parallel.tp: " + std::to_string(n) +
-                             " does not divide model.heads=" + std::to_string(config.heads) +
-                             "; attention heads are split evenly over the tensor-parallel group");
-    }
-    if (n == 1) tp = nullptr;  // nothing to split or reduce
-  }
-  if (stage.count < 1 || stage.index < 0 || stage.index >= stage.count) {
-    return InvalidArgument("parallel.pp: stage " + std::to_string(stage.index) + " of " +
-                           std::to_string(stage.count) + " is not a pipeline coordinate");
-  }
-  if (stage.count > config.layers) {
-    return InvalidArgument("parallel.pp: " + std::to_string(stage.count) +
-                           " pipeline stages exceed model.layers=" + std::to_string(config.layers) +
-                           "; every stage needs a block");
-  }
-  if (num_slots < 1) {
-    return InvalidArgument("activation slots: " + std::to_string(num_slots) + " must be >= 1");
-  }
+  RETURN_IF_ERROR(CheckGptSizes(config, max_batch, max_seq));
+  RETURN_IF_ERROR(CheckGptParallelism(config, tp, stage));
+  RETURN_IF_ERROR(CheckGptSlots(num_slots));
+  tp = EffectiveTp(tp);
   std::unique_ptr<Gpt> m;
   switch (compute) {
     case DType::kF32:

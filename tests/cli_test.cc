@@ -21,22 +21,9 @@ namespace {
 
 const std::string kStrata = std::string(STRATA_BINARY_DIR) + "/bin/strata";
 
-struct CliRun {
-  int code = -1;
-  std::string out;
-};
+using CliRun = testing::CommandRun;
 
-CliRun Exec(const std::string& args) {
-  CliRun r;
-  FILE* p = popen((kStrata + " " + args + " 2>&1").c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+CliRun Exec(const std::string& args) { return testing::RunCommand(kStrata + " " + args); }
 
 class CliTest : public ::testing::Test {
  protected:

@@ -3,7 +3,6 @@
 // (UNAVAILABLE), through Trainer::Create and through `strata train`. These run on every CPU
 // machine; where a GPU is visible they skip (the success paths are tests/cuda/gpt_cuda_test.cc).
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <cstdio>
 #include <fstream>
@@ -21,22 +20,10 @@ constexpr const char* kNoBuild =
     "resources.device: cuda, but this build has no CUDA (nvcc not found at configure time)";
 constexpr const char* kNoDevice = "resources.device: cuda, but no CUDA device is visible";
 
-struct CliRun {
-  int code = -1;
-  std::string out;
-};
+using CliRun = testing::CommandRun;
 
 CliRun Strata(const std::string& args) {
-  CliRun r;
-  const std::string cmd = std::string(STRATA_BINARY_DIR) + "/bin/strata " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
+  return testing::RunCommand(std::string(STRATA_BINARY_DIR) + "/bin/strata " + args);
 }
 
 class DeviceCudaErrors : public ::testing::Test {
@@ -139,14 +126,8 @@ TEST_F(DeviceCudaErrors, WorkerDaemonDeviceCuda) {
   const Status usable = CudaUsable();
   const std::string want = usable.code() == StatusCode::kInvalidArgument ? kNoBuild : kNoDevice;
   const std::string worker = std::string(STRATA_BINARY_DIR) + "/bin/strata-worker";
-  CliRun r;
-  FILE* p = popen((worker + " --coordinator 127.0.0.1:1 --device cuda 2>&1").c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << r.out;
+  const CliRun r = testing::RunCommand(worker + " --coordinator 127.0.0.1:1 --device cuda");
+  EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find(want), std::string::npos) << r.out;
 }
 

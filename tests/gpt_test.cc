@@ -9,19 +9,12 @@
 #include <vector>
 
 #include "model/cpu_info.h"
+#include "tests/test_util.h"
 
 namespace strata::model {
 namespace {
 
-GptConfig SmallConfig() {
-  GptConfig c;
-  c.vocab_size = 40;
-  c.max_seq_len = 12;
-  c.layers = 2;
-  c.heads = 2;
-  c.channels = 16;
-  return c;
-}
+GptConfig SmallConfig() { return ::strata::testing::GptConfigOf(40, 12, 2, 2, 16); }
 
 void RandomTokens(std::vector<int32_t>* v, int vocab, unsigned seed) {
   std::mt19937 rng(seed);

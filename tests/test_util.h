@@ -1,9 +1,12 @@
-// Helpers shared by tests: temporary directories, job specs from YAML, deterministic text.
+// Helpers shared by tests: temporary directories, job specs from YAML, deterministic text,
+// small model configurations, running a command.
 #pragma once
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -88,17 +91,43 @@ inline proto::JobSpec SpecFromYaml(const std::string& yaml) {
   return s;
 }
 
+// A GPT configuration from its sizes.
+inline model::GptConfig GptConfigOf(int vocab_size, int max_seq_len, int layers, int heads,
+                                    int channels, bool recompute = false) {
+  model::GptConfig c;
+  c.vocab_size = vocab_size;
+  c.max_seq_len = max_seq_len;
+  c.layers = layers;
+  c.heads = heads;
+  c.channels = channels;
+  c.recompute = recompute;
+  return c;
+}
+
 // The small GPT of the pipeline suites: 4 layers (so pp = 2 and 4 split it), 2 heads, C 16,
 // vocabulary 40, context `seq`.
 inline model::GptConfig SmallPipelineConfig(int seq, bool recompute = false) {
-  model::GptConfig c;
-  c.vocab_size = 40;
-  c.max_seq_len = seq;
-  c.layers = 4;
-  c.heads = 2;
-  c.channels = 16;
-  c.recompute = recompute;
-  return c;
+  return GptConfigOf(40, seq, 4, 2, 16, recompute);
+}
+
+// What a command printed (stdout and stderr together) and its exit status (-1: it could not be
+// started or did not exit normally).
+struct CommandRun {
+  int code = -1;
+  std::string out;
+};
+
+// Runs `cmd` through the shell with stderr folded into stdout, and waits for it.
+inline CommandRun RunCommand(const std::string& cmd) {
+  CommandRun r;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int st = pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
 }
 
 struct TokenBatch {

@@ -381,15 +381,21 @@ int64_t Trainer::FirstSample(int64_t step, int micro) const {
          static_cast<int64_t>(micro) * micro_;
 }
 
-double Trainer::LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const {
-  if (tp_rank_ == 0 && pp_ == 1) return model::SumOfSquares(g, n);
-  double sum = 0.0;
+std::vector<std::pair<int64_t, int64_t>> Trainer::GradNormRanges(int64_t lo, int64_t n) const {
+  if (tp_rank_ == 0 && pp_ == 1) return {{0, n}};
+  std::vector<std::pair<int64_t, int64_t>> ranges;
   for (const model::ParamTensor& t : model_->tensors()) {
     if (tp_rank_ != 0 && t.replicated()) continue;
     if (!CountsInGradNorm(t, model_->stage())) continue;  // wte's last-stage copy
     const int64_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, lo + n);
-    if (a < b) sum += model::SumOfSquares(g + (a - lo), b - a);
+    if (a < b) ranges.emplace_back(a - lo, b - a);
   }
+  return ranges;
+}
+
+double Trainer::LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const {
+  double sum = 0.0;
+  for (const auto& [off, count] : GradNormRanges(lo, n)) sum += model::SumOfSquares(g + off, count);
   return sum;
 }
 
@@ -452,42 +458,41 @@ Status Trainer::WaitAll(std::vector<std::unique_ptr<comm::Work>>* works) {
   return first;
 }
 
-Result<StepStats> Trainer::Step() {
-  if (cuda_) return StepCuda();
-  const auto t0 = std::chrono::steady_clock::now();
+StepStats Trainer::BeginStep(float* dloss) {
   StepStats st;
   st.step = step_;
   comm_wait_s_ = 0.0;
   st.loss_scale = fp16_ ? scaler_.scale() : 1.f;
   model_->ZeroGrad();
-  float* g = model_->grads();
-  float* params = model_->params();
-  const int64_t n = model_->num_params();
-  comm::ProcessGroup* dp = options_.dp_group;
   // Gradients are averaged over the global batch: each rank's share carries 1/dp.
-  const float dloss = st.loss_scale / (static_cast<float>(micro_) * seq_ * accum_ * dp_);
+  *dloss = st.loss_scale / (static_cast<float>(micro_) * seq_ * accum_ * dp_);
+  return st;
+}
 
-  // Plain data parallelism: during the last micro-batch's backward, gradient ranges arrive
-  // from the end of the flat buffer to its start; contiguous ranges are gathered into buckets
-  // and each full bucket's all-reduce is launched at once.
-  int64_t lo = -1, hi = -1;
-  auto launch = [&] {
-    pending_.push_back(dp->AllReduce(g + lo, static_cast<size_t>(hi - lo), comm::ElemType::kF32,
-                                     comm::ReduceOp::kSum));
-    lo = hi = -1;
-  };
-  const model::Gpt::GradReadyFn on_ready = [&](int64_t offset, int64_t count) {
-    if (lo < 0) {
-      hi = offset + count;
+model::Gpt::GradReadyFn Trainer::GradBucketer(int64_t* lo, int64_t* hi,
+                                              const std::function<void()>& launch) const {
+  return [lo, hi, launch, bucket_bytes = options_.bucket_bytes](int64_t offset, int64_t count) {
+    if (*lo < 0) {
+      *hi = offset + count;
     } else {
-      CHECK(offset + count == lo);
+      CHECK(offset + count == *lo);
     }
-    lo = offset;
-    if ((hi - lo) * static_cast<int64_t>(sizeof(float)) >= options_.bucket_bytes) launch();
+    *lo = offset;
+    if ((*hi - *lo) * static_cast<int64_t>(sizeof(float)) >= bucket_bytes) launch();
   };
-  const bool bucketed = dp_ > 1 && !zero1_ && options_.overlap_grad_reduce;
+}
 
-  Status bs;
+void Trainer::FlushGradBuckets(int64_t* lo, int64_t* hi, int64_t n,
+                               const std::function<void()>& launch) {
+  if (*lo >= 0) launch();
+  if (dp_ > 1 && !zero1_ && !options_.overlap_grad_reduce) {  // one all-reduce, after backward
+    *lo = 0;
+    *hi = n;
+    launch();
+  }
+}
+
+Status Trainer::RunMicroBatches(float dloss, const model::Gpt::GradReadyFn& on_ready, float* loss) {
   if (pp_ > 1) {
     PipelineStepOptions po;
     po.schedule = schedule_;
@@ -496,8 +501,9 @@ Result<StepStats> Trainer::Step() {
     po.seq = seq_;
     po.dloss = dloss;
     po.timeout = options_.comm_timeout;
-    if (bucketed) po.on_ready = on_ready;
-    // The tied-embedding sum writes wte's gradient: it must wait for the buckets reading it.
+    po.on_ready = on_ready;
+    // The tied-embedding sum writes wte's gradient: it must wait for the buckets reading it
+    // (and device gradients go through SumTiedEmbeddingGradsCuda).
     po.sum_tied_embedding = false;
     auto r = RunPipelineStep(
         *model_, *options_.pp_group,
@@ -505,35 +511,105 @@ Result<StepStats> Trainer::Step() {
           data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, in, tg);
         },
         po);
-    if (r.ok()) st.loss = r->mean_loss;
-    bs = r.status();
-  } else {
-    double loss_sum = 0.0;
-    for (int m = 0; m < accum_ && bs.ok(); ++m) {
-      data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
-                       targets_.data());
-      Result<float> loss = model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
-      bs = loss.ok() ? model_->Backward(bucketed && m == accum_ - 1 ? on_ready : nullptr)
-                     : loss.status();
-      if (loss.ok()) loss_sum += *loss;
-    }
-    st.loss = static_cast<float>(loss_sum / accum_);
+    if (r.ok()) *loss = r->mean_loss;
+    return r.status();
   }
+  Status bs;
+  double loss_sum = 0.0;
+  for (int m = 0; m < accum_ && bs.ok(); ++m) {
+    data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
+                     targets_.data());
+    Result<float> l = model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
+    bs = l.ok() ? model_->Backward(m == accum_ - 1 ? on_ready : nullptr) : l.status();
+    if (l.ok()) loss_sum += *l;
+  }
+  *loss = static_cast<float>(loss_sum / accum_);
+  return bs;
+}
+
+Status Trainer::ReduceGradNormSquares(double* sumsq) {
+  // Every parameter is counted once: ZeRO-1 shards are disjoint over dp, tensor-parallel
+  // shards over tp (replicated tensors count on tp rank 0 only).
+  // (One after the other: both reduce the same scalar.)
+  if (zero1_) {
+    RETURN_IF_ERROR(
+        AllReduceScalar(options_.dp_group, sumsq, comm::ElemType::kF64, comm::ReduceOp::kSum));
+  }
+  if (tp_ > 1) {
+    RETURN_IF_ERROR(
+        AllReduceScalar(options_.tp_group, sumsq, comm::ElemType::kF64, comm::ReduceOp::kSum));
+  }
+  if (pp_ > 1) {
+    RETURN_IF_ERROR(
+        AllReduceScalar(options_.pp_group, sumsq, comm::ElemType::kF64, comm::ReduceOp::kSum));
+  }
+  return Status::Ok();
+}
+
+Status Trainer::DecideUpdate(double sumsq, StepStats* st, double* norm) {
+  RETURN_IF_ERROR(ReduceGradNormSquares(&sumsq));
+  *norm = std::sqrt(sumsq);
+  st->grad_norm = static_cast<float>(*norm);
+  // Every rank sees the same norm, so every rank takes the same skip decision.
+  const bool finite = std::isfinite(*norm);
+  st->applied = fp16_ ? scaler_.Update(finite) : finite;
+  st->lr = StepLearningRate();
+  return Status::Ok();
+}
+
+float Trainer::StepLearningRate() const {
+  return model::LearningRate(step_, spec_.train().steps(), spec_.train().warmup(),
+                             static_cast<float>(spec_.train().lr()),
+                             static_cast<float>(spec_.train().min_lr()));
+}
+
+std::optional<float> Trainer::ClipScale(double norm) const {
+  const double clip = spec_.train().grad_clip();
+  if (clip > 0) {
+    const double coef = clip / (norm + 1e-6);
+    if (coef < 1.0) return static_cast<float>(coef);
+  }
+  return std::nullopt;
+}
+
+void Trainer::EndStep(StepStats* st, std::chrono::steady_clock::time_point t0) {
+  ++step_;
+  st->comm_wait_seconds = comm_wait_s_;
+  st->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
+  st->tokens_per_second = tokens / st->seconds;
+}
+
+Result<StepStats> Trainer::Step() {
+  if (cuda_) return StepCuda();
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string ctx = "step " + std::to_string(step_);
+  float dloss = 0.f;
+  StepStats st = BeginStep(&dloss);
+  float* g = model_->grads();
+  float* params = model_->params();
+  const int64_t n = model_->num_params();
+  comm::ProcessGroup* dp = options_.dp_group;
+
+  int64_t lo = -1, hi = -1;
+  auto launch = [&] {
+    pending_.push_back(dp->AllReduce(g + lo, static_cast<size_t>(hi - lo), comm::ElemType::kF32,
+                                     comm::ReduceOp::kSum));
+    lo = hi = -1;
+  };
+  const bool bucketed = dp_ > 1 && !zero1_ && options_.overlap_grad_reduce;
+  const Status bs =
+      RunMicroBatches(dloss, bucketed ? GradBucketer(&lo, &hi, launch) : nullptr, &st.loss);
   if (!bs.ok()) {
     // Buckets already launched read the gradient buffer: drain them before returning.
     WaitAll(&pending_).IgnoreError();
-    return bs.WithContext("step " + std::to_string(step_));
+    return bs.WithContext(ctx);
   }
-  if (lo >= 0) launch();
-  if (dp_ > 1 && !zero1_ && !options_.overlap_grad_reduce) {  // one all-reduce, after backward
-    lo = 0;
-    hi = n;
-    launch();
-  }
+  FlushGradBuckets(&lo, &hi, n, launch);
   if (pp_ > 1) {
-    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
-    RETURN_IF_ERROR(SumTiedEmbeddingGrads(*model_, *options_.pp_group, options_.comm_timeout)
-                        .WithContext("step " + std::to_string(step_)));
+    RETURN_IF_ERROR(WaitAll(&pending_).WithContext(ctx));
+    RETURN_IF_ERROR(
+        SumTiedEmbeddingGrads(*model_, *options_.pp_group, options_.comm_timeout).WithContext(ctx));
   }
 
   // The gradient this rank updates: all of it, or its ZeRO-1 shard.
@@ -555,41 +631,14 @@ Result<StepStats> Trainer::Step() {
       up = params + adam_->offset();
       un = adam_->size();
     }
-    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+    RETURN_IF_ERROR(WaitAll(&pending_).WithContext(ctx));
   }
   if (st.loss_scale != 1.f) model::Scale(ug, un, 1.f / st.loss_scale);
   double sumsq = LocalSumOfSquares(ug, up - params, un);
-  // Every parameter is counted once: ZeRO-1 shards are disjoint over dp, tensor-parallel
-  // shards over tp (replicated tensors count on tp rank 0 only).
-  // (One after the other: both reduce the same scalar.)
-  if (zero1_) {
-    pending_.push_back(dp->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
-    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
-  }
-  if (tp_ > 1) {
-    pending_.push_back(
-        options_.tp_group->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
-    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
-  }
-  if (pp_ > 1) {
-    pending_.push_back(
-        options_.pp_group->AllReduce(&sumsq, 1, comm::ElemType::kF64, comm::ReduceOp::kSum));
-    RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
-  }
-  const double norm = std::sqrt(sumsq);
-  st.grad_norm = static_cast<float>(norm);
-  // Every rank sees the same norm, so every rank takes the same skip decision.
-  const bool finite = std::isfinite(norm);
-  st.applied = fp16_ ? scaler_.Update(finite) : finite;
-  st.lr = model::LearningRate(step_, spec_.train().steps(), spec_.train().warmup(),
-                              static_cast<float>(spec_.train().lr()),
-                              static_cast<float>(spec_.train().min_lr()));
+  double norm = 0.0;
+  RETURN_IF_ERROR(DecideUpdate(sumsq, &st, &norm).WithContext(ctx));
   if (st.applied) {
-    const double clip = spec_.train().grad_clip();
-    if (clip > 0) {
-      const double coef = clip / (norm + 1e-6);
-      if (coef < 1.0) model::Scale(ug, un, static_cast<float>(coef));
-    }
+    if (const std::optional<float> clip = ClipScale(norm)) model::Scale(ug, un, *clip);
     adam_->Update(up, ug, st.lr, ++opt_step_);
     if (zero1_) {
       std::copy(up, up + un, shard_buf_.begin());
@@ -597,18 +646,14 @@ Result<StepStats> Trainer::Step() {
       float* gathered = padded_.empty() ? params : padded_.data();
       pending_.push_back(dp->AllGather(shard_buf_.data(), gathered, static_cast<size_t>(shard_),
                                        comm::ElemType::kF32));
-      RETURN_IF_ERROR(WaitAll(&pending_).WithContext("step " + std::to_string(step_)));
+      RETURN_IF_ERROR(WaitAll(&pending_).WithContext(ctx));
       if (gathered != params) std::copy(padded_.begin(), padded_.begin() + n, params);
     }
     model_->RefreshComputeWeights();
   } else if (!fp16_) {
     spdlog::warn("step {}: non-finite gradient norm; update skipped", step_);
   }
-  ++step_;
-  st.comm_wait_seconds = comm_wait_s_;
-  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
-  st.tokens_per_second = tokens / st.seconds;
+  EndStep(&st, t0);
   // MFU per device: the global batch's FLOPs spread over dp * tp * pp devices.
   st.mfu = st.tokens_per_second * flops_per_token_ / (peak_flops_ * dp_ * tp_ * pp_);
   return st;

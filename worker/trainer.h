@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checkpoint/store.h"
@@ -214,6 +216,42 @@ class Trainer {
   // Sum of squares of the gradients in `g` (elements [lo, lo + n) of the local flat buffer),
   // counting replicated tensors on tensor-parallel rank 0 only.
   double LocalSumOfSquares(const float* g, int64_t lo, int64_t n) const;
+
+  // Pieces of a step shared by Step (host gradients) and StepCuda (device gradients).
+  // The parts of elements [lo, lo + n) of the local flat buffer that count in the global
+  // gradient norm, as (offset from lo, count): replicated tensors on tensor-parallel rank 0
+  // only, wte on the first pipeline stage only.
+  std::vector<std::pair<int64_t, int64_t>> GradNormRanges(int64_t lo, int64_t n) const;
+  // Starts a step: its number, loss scale and cleared gradients; *dloss gets the loss
+  // gradient of one micro-batch (each rank's share of the global batch carries 1/dp).
+  StepStats BeginStep(float* dloss);
+  // The grad-ready callback of plain data parallelism: during the last micro-batch's backward,
+  // gradient ranges arrive from the end of the flat buffer to its start; contiguous ranges
+  // gather into the bucket [*lo, *hi) (-1, -1: empty) and `launch` is called (and must empty
+  // it) once the bucket holds options_.bucket_bytes.
+  model::Gpt::GradReadyFn GradBucketer(int64_t* lo, int64_t* hi,
+                                       const std::function<void()>& launch) const;
+  // After backward: launches the last partial bucket, or the whole buffer [0, n) as one
+  // bucket when gradients are all-reduced after backward rather than during it.
+  void FlushGradBuckets(int64_t* lo, int64_t* hi, int64_t n, const std::function<void()>& launch);
+  // Forward and backward of the step's accum_ micro-batches (pipelined when pp > 1, without
+  // the tied-embedding sum); on_ready (may be empty) gets the last micro-batch's ranges.
+  // *loss gets the mean loss (left as is by a failed pipeline step).
+  Status RunMicroBatches(float dloss, const model::Gpt::GradReadyFn& on_ready, float* loss);
+  // Sums the squared gradient norm over the ranks holding other parts of it (ZeRO-1 shards
+  // over dp, tensor-parallel shards over tp, stages over pp), one group after the other.
+  Status ReduceGradNormSquares(double* sumsq);
+  // From this rank's squared gradient norm `sumsq`: the global norm (*norm, summed by
+  // ReduceGradNormSquares) and, in *st, its float value, whether the update applies (a finite
+  // norm; fp16 also updates the loss scaler) and this step's learning rate. Errors: those of
+  // ReduceGradNormSquares (*st and *norm then unspecified).
+  Status DecideUpdate(double sumsq, StepStats* st, double* norm);
+  // The learning rate of this step.
+  float StepLearningRate() const;
+  // The factor that clips a gradient of norm `norm` to train.grad_clip, when it must be clipped.
+  std::optional<float> ClipScale(double norm) const;
+  // Ends a step begun at t0: advances step_, fills in the time, comm wait and tokens per second.
+  void EndStep(StepStats* st, std::chrono::steady_clock::time_point t0);
 
   // The CUDA path (trainer_cuda.cc): Step with device gradients and a device optimizer.
   bool cuda_ = false;

@@ -69,20 +69,9 @@ Status Trainer::AllReduceScalar(comm::ProcessGroup* g, void* value, comm::ElemTy
 
 Result<double> Trainer::DeviceSumOfSquares(const float* g, int64_t lo, int64_t n) {
   bool any = false;
-  auto add = [&](const float* x, int64_t count) -> Status {
-    RETURN_IF_ERROR(dev_->SumOfSquares(dev_sumsq_, x, count, /*accumulate=*/any));
+  for (const auto& [off, count] : GradNormRanges(lo, n)) {
+    RETURN_IF_ERROR(dev_->SumOfSquares(dev_sumsq_, g + off, count, /*accumulate=*/any));
     any = true;
-    return Status::Ok();
-  };
-  if (tp_rank_ == 0 && pp_ == 1) {
-    RETURN_IF_ERROR(add(g, n));
-  } else {
-    for (const model::ParamTensor& t : model_->tensors()) {
-      if (tp_rank_ != 0 && t.replicated()) continue;
-      if (!CountsInGradNorm(t, model_->stage())) continue;  // wte's last-stage copy
-      const int64_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, lo + n);
-      if (a < b) RETURN_IF_ERROR(add(g + (a - lo), b - a));
-    }
   }
   if (!any) return 0.0;
   double sum = 0.0;
@@ -137,16 +126,12 @@ Status Trainer::PushFromHostMirrors() {
 Result<StepStats> Trainer::StepCuda() {
   const auto t0 = std::chrono::steady_clock::now();
   const std::string ctx = "step " + std::to_string(step_);
-  StepStats st;
-  st.step = step_;
-  comm_wait_s_ = 0.0;
-  st.loss_scale = fp16_ ? scaler_.scale() : 1.f;
-  model_->ZeroGrad();
+  float dloss = 0.f;
+  StepStats st = BeginStep(&dloss);
   float* g = model_->grads();  // device
   float* params = model_->params();
   const int64_t n = model_->num_params();
   comm::ProcessGroup* dp = options_.dp_group;
-  const float dloss = st.loss_scale / (static_cast<float>(micro_) * seq_ * accum_ * dp_);
 
   // Buckets as in Step. A group that does not order itself after the model's stream gets the
   // stream drained before each launch (the host-staging adapter copies at issue).
@@ -161,59 +146,14 @@ Result<StepStats> Trainer::StepCuda() {
                                      comm::ReduceOp::kSum));
     lo = hi = -1;
   };
-  const model::Gpt::GradReadyFn on_ready = [&](int64_t offset, int64_t count) {
-    if (lo < 0) {
-      hi = offset + count;
-    } else {
-      CHECK(offset + count == lo);
-    }
-    lo = offset;
-    if ((hi - lo) * static_cast<int64_t>(sizeof(float)) >= options_.bucket_bytes) launch();
-  };
   const bool bucketed = dp_ > 1 && !zero1_ && options_.overlap_grad_reduce;
-
-  Status bs;
-  if (pp_ > 1) {
-    PipelineStepOptions po;
-    po.schedule = schedule_;
-    po.num_micro = accum_;
-    po.micro_batch = micro_;
-    po.seq = seq_;
-    po.dloss = dloss;
-    po.timeout = options_.comm_timeout;
-    if (bucketed) po.on_ready = on_ready;
-    po.sum_tied_embedding = false;  // device gradients: SumTiedEmbeddingGradsCuda below
-    auto r = RunPipelineStep(
-        *model_, *options_.pp_group,
-        [&](int m, int32_t* in, int32_t* tg) {
-          data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, in, tg);
-        },
-        po);
-    if (r.ok()) st.loss = r->mean_loss;
-    bs = r.status();
-  } else {
-    double loss_sum = 0.0;
-    for (int m = 0; m < accum_ && bs.ok(); ++m) {
-      data_.TrainBatch(spec_.train().seed(), FirstSample(step_, m), micro_, inputs_.data(),
-                       targets_.data());
-      Result<float> loss = model_->Forward(inputs_.data(), targets_.data(), micro_, seq_, dloss);
-      bs = loss.ok() ? model_->Backward(bucketed && m == accum_ - 1 ? on_ready : nullptr)
-                     : loss.status();
-      if (loss.ok()) loss_sum += *loss;
-    }
-    st.loss = static_cast<float>(loss_sum / accum_);
-  }
+  Status bs = RunMicroBatches(dloss, bucketed ? GradBucketer(&lo, &hi, launch) : nullptr, &st.loss);
   if (bs.ok()) bs = launch_status;
   if (!bs.ok()) {
     WaitAll(&pending_).IgnoreError();
     return bs.WithContext(ctx);
   }
-  if (lo >= 0) launch();
-  if (dp_ > 1 && !zero1_ && !options_.overlap_grad_reduce) {
-    lo = 0;
-    hi = n;
-    launch();
-  }
+  FlushGradBuckets(&lo, &hi, n, launch);
   if (!launch_status.ok()) {
     WaitAll(&pending_).IgnoreError();
     return launch_status.WithContext(ctx);
@@ -252,38 +192,15 @@ Result<StepStats> Trainer::StepCuda() {
   // CPU path's sum over gradients divided by it first.
   const double inv_scale = 1.0 / static_cast<double>(st.loss_scale);
   sumsq *= inv_scale * inv_scale;
-  if (zero1_) {
-    RETURN_IF_ERROR(
-        AllReduceScalar(dp, &sumsq, comm::ElemType::kF64, comm::ReduceOp::kSum).WithContext(ctx));
-  }
-  if (tp_ > 1) {
-    RETURN_IF_ERROR(
-        AllReduceScalar(options_.tp_group, &sumsq, comm::ElemType::kF64, comm::ReduceOp::kSum)
-            .WithContext(ctx));
-  }
-  if (pp_ > 1) {
-    RETURN_IF_ERROR(
-        AllReduceScalar(options_.pp_group, &sumsq, comm::ElemType::kF64, comm::ReduceOp::kSum)
-            .WithContext(ctx));
-  }
-  const double norm = std::sqrt(sumsq);
-  st.grad_norm = static_cast<float>(norm);
-  const bool finite = std::isfinite(norm);
-  st.applied = fp16_ ? scaler_.Update(finite) : finite;
-  st.lr = model::LearningRate(step_, spec_.train().steps(), spec_.train().warmup(),
-                              static_cast<float>(spec_.train().lr()),
-                              static_cast<float>(spec_.train().min_lr()));
+  double norm = 0.0;
+  RETURN_IF_ERROR(DecideUpdate(sumsq, &st, &norm).WithContext(ctx));
   if (st.applied) {
     DeviceAdamWStep a;
     a.lr = st.lr;
     a.step = ++opt_step_;
     // As the CPU path: g * (1 / scale), then * float(clip coefficient).
     a.grad_scale = 1.f / st.loss_scale;
-    const double clip = spec_.train().grad_clip();
-    if (clip > 0) {
-      const double coef = clip / (norm + 1e-6);
-      if (coef < 1.0) a.grad_scale *= static_cast<float>(coef);
-    }
+    if (const std::optional<float> clip = ClipScale(norm)) a.grad_scale *= *clip;
     // ZeRO-1 refreshes the whole compute copy after the all-gather instead.
     a.refresh_compute = !zero1_;
     RETURN_IF_ERROR(dev_->Update(up, ug, a).WithContext(ctx));
@@ -306,11 +223,7 @@ Result<StepStats> Trainer::StepCuda() {
   }
   // Kernel faults of the update surface in this step, and the step time covers its work.
   RETURN_IF_ERROR(dev_->Synchronize().WithContext(ctx));
-  ++step_;
-  st.comm_wait_seconds = comm_wait_s_;
-  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double tokens = static_cast<double>(spec_.train().global_batch()) * seq_;
-  st.tokens_per_second = tokens / st.seconds;
+  EndStep(&st, t0);
   st.mfu = 0.0;  // peak_flops_ is the CPU's measured GEMM rate: no GPU peak is known here
   return st;
 }

@@ -23,6 +23,7 @@
 
 #include "common/status.h"
 #include "model/cuda/adamw_cuda.h"
+#include "model/cuda/typed_access.cuh"
 
 namespace strata::model {
 namespace {
@@ -37,27 +38,10 @@ struct AdamWConsts {
 };
 
 // bf16 / fp16 rounding, bit-exact with model/dtype.h's FloatToBf16 / FloatToHalfBits for every
-// non-NaN value (NaN: as in reduce.cu).
-__device__ __forceinline__ uint16_t FloatToBf16Bits(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-__device__ __forceinline__ uint16_t FloatToHalfBitsDev(float f) {
-  const uint32_t u = __float_as_uint(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);
-  if (a < 0x38800000u) {
-    const float scaled = __uint_as_float(a) * 16777216.0f;  // exact, < 2^11
-    return static_cast<uint16_t>(sign | static_cast<uint16_t>(__float2uint_rn(scaled)));
-  }
-  uint32_t m = a - 0x38000000u;
-  m += 0xfffu + ((m >> 13) & 1u);
-  return static_cast<uint16_t>(sign | static_cast<uint16_t>(m >> 13));
-}
+// non-NaN value (NaN: see typed_access.cuh).
+using cuda_util::Aligned;
+using cuda_util::FloatToBf16Bits;
+using cuda_util::FloatToHalfBitsDev;
 
 // Compute-copy element types: 0 none, 1 fp32, 2 bf16, 3 fp16.
 enum ComputeKind { kNone = 0, kCopyF32 = 1, kCopyBF16 = 2, kCopyF16 = 3 };
@@ -143,15 +127,13 @@ float Unfused(float x) {
   return kept;
 }
 
-bool Aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 }  // namespace
 
 Status CudaAdamWUpdate(float* params, const float* grads, float* m, float* v, const uint8_t* decay,
                        void* compute, DType compute_dtype, const CudaAdamWArgs& args, int64_t n,
                        void* stream) {
   constexpr const char* kOp = "CudaAdamWUpdate";
-  if (n < 0) return InvalidArgument(std::string(kOp) + ": n = " + std::to_string(n) + " < 0");
+  if (n < 0) return cuda_util::NegativeSize(kOp, "n", n);
   if (args.step < 1) {
     return InvalidArgument(std::string(kOp) + ": step = " + std::to_string(args.step) +
                            " (counts from 1)");
@@ -173,9 +155,7 @@ Status CudaAdamWUpdate(float* params, const float* grads, float* m, float* v, co
     }
   }
   if (n == 0) return Status::Ok();
-  if (!params || !grads || !m || !v || !decay) {
-    return InvalidArgument(std::string(kOp) + ": null device pointer");
-  }
+  if (!params || !grads || !m || !v || !decay) return cuda_util::NullPointer(kOp);
 
   // Host scalars as AdamW::Update computes them, every operation rounded on its own.
   const float b1 = args.beta1, b2 = args.beta2;
@@ -217,10 +197,7 @@ Status CudaAdamWUpdate(float* params, const float* grads, float* m, float* v, co
           <<<grid, kThreads, 0, s>>>(params, grads, m, v, decay, compute, c, n, aligned);
       break;
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return Status::Ok();
-  return Internal(std::string(kOp) + " launch: " + cudaGetErrorName(err) + " (" +
-                  cudaGetErrorString(err) + ")");
+  return cuda_util::LaunchStatus(kOp);
 }
 
 }  // namespace strata::model

@@ -35,6 +35,7 @@
 
 #include "common/status.h"
 #include "model/cuda/attention_cuda.h"
+#include "model/cuda/typed_access.cuh"
 
 namespace strata::model {
 namespace {
@@ -44,26 +45,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
-// ---- dtype conversion (device) ---------------------------------------------------------------
+// ---- dtype conversion (device): typed_access.cuh's hardware conversions, round to nearest even
 
-__device__ __forceinline__ float ToF(float x) { return x; }
-__device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float ToF(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T FromF(float x);
-template <>
-__device__ __forceinline__ float FromF<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);  // round to nearest even, like FloatToBf16
-}
-template <>
-__device__ __forceinline__ __half FromF<__half>(float x) {
-  return __float2half(x);  // round to nearest even
-}
+using cuda_util::FromF;
+using cuda_util::ToF;
 
 // ---- tile geometry -----------------------------------------------------------------------------
 
@@ -419,12 +404,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side ----------------------------------------------------------------------------------
 
-Status LaunchStatus(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return Status::Ok();
-  return Internal(std::string(op) + " launch: " + cudaGetErrorName(err) + " (" +
-                  cudaGetErrorString(err) + ")");
-}
+using cuda_util::LaunchStatus;
 
 // Launches `kernel` on `blocks` blocks of kThreads with `smem` bytes of dynamic shared memory,
 // opting in above the 48 KB default (every launch: the attribute is per device, and setting it
@@ -437,9 +417,9 @@ Status Launch(const char* op, void (*kernel)(KArgs...), int64_t blocks, size_t s
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // clear it: the caller gets it in the Status
-      return Internal(std::string(op) + ": cannot opt in to " + std::to_string(smem) +
-                      " bytes of shared memory: " + cudaGetErrorName(err) + " (" +
-                      cudaGetErrorString(err) + ")");
+      const std::string what =
+          "cannot opt in to " + std::to_string(smem) + " bytes of shared memory";
+      return cuda_util::CudaError(op, what.c_str(), err);
     }
   }
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, static_cast<cudaStream_t>(stream)>>>(

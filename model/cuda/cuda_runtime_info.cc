@@ -5,23 +5,18 @@
 #include <string>
 #include <utility>
 
+#include "model/cuda/cuda_status.h"
+
 namespace strata::model {
 namespace {
 
-// UNAVAILABLE for "this machine cannot run CUDA" errors, INTERNAL for everything else.
+// UNAVAILABLE for "this machine cannot run CUDA" errors, INTERNAL for everything else (out of
+// memory included). Unlike cuda_util::FromCuda it leaves the runtime's last error alone.
 Status FromCuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::Ok();
-  const std::string msg =
-      std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-  switch (err) {
-    case cudaErrorNoDevice:
-    case cudaErrorInsufficientDriver:
-    case cudaErrorStubLibrary:
-    case cudaErrorDevicesUnavailable:
-      return Status(StatusCode::kUnavailable, msg);
-    default:
-      return Internal(msg);
-  }
+  const std::string msg = cuda_util::CudaErrorMessage(what, err);
+  if (cuda_util::IsNoCudaError(err)) return Status(StatusCode::kUnavailable, msg);
+  return Internal(msg);
 }
 
 }  // namespace

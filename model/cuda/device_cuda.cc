@@ -9,30 +9,12 @@
 
 #include "model/cuda/caching_allocator.h"
 #include "model/cuda/cuda_runtime_info.h"
+#include "model/cuda/cuda_status.h"
 
 namespace strata::model {
 namespace {
 
-// UNAVAILABLE for "this machine cannot run CUDA", RESOURCE_EXHAUSTED for out of memory, INTERNAL
-// for everything else. Clears the runtime's last error, so that a later unrelated
-// cudaGetLastError() (a launcher checking its launch) does not report this one.
-Status FromCuda(cudaError_t err, const std::string& what) {
-  if (err == cudaSuccess) return Status::Ok();
-  (void)cudaGetLastError();
-  const std::string msg =
-      what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-  switch (err) {
-    case cudaErrorNoDevice:
-    case cudaErrorInsufficientDriver:
-    case cudaErrorStubLibrary:
-    case cudaErrorDevicesUnavailable:
-      return Status(StatusCode::kUnavailable, msg);
-    case cudaErrorMemoryAllocation:
-      return ResourceExhausted(msg);
-    default:
-      return Internal(msg);
-  }
-}
+using cuda_util::FromCuda;
 
 Status RequireDevice(const char* what) {
   if (CudaDeviceCount() == 0) {

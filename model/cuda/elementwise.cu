@@ -27,13 +27,25 @@ constexpr int kBlock = 256;
 // Enough blocks to fill any current GPU several times over; larger n loops in the grid stride.
 constexpr int64_t kMaxBlocks = 1 << 16;
 
+// tanh-approximation GELU and its derivative (the CPU kernels' formulas), shared by the fp32 and
+// the typed kernels.
+__device__ __forceinline__ float GeluValue(float x) {
+  const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+  return 0.5f * x * (1.f + tanhf(u));
+}
+
+__device__ __forceinline__ float GeluGrad(float x) {
+  const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+  const float th = tanhf(u);
+  const float sech2 = 1.f - th * th;
+  return 0.5f * (1.f + th) + 0.5f * x * sech2 * kGeluScale * (1.f + 3.f * kGeluCubic * x * x);
+}
+
 __global__ void GeluForwardKernel(float* out, const float* __restrict__ inp, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    const float x = inp[i];
-    const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-    out[i] = 0.5f * x * (1.f + tanhf(u));
+    out[i] = GeluValue(inp[i]);
   }
 }
 
@@ -43,13 +55,7 @@ __global__ void GeluBackwardKernel(float* dinp, const float* __restrict__ inp, c
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    const float x = inp[i];
-    const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-    const float th = tanhf(u);
-    const float sech2 = 1.f - th * th;
-    const float local =
-        0.5f * (1.f + th) + 0.5f * x * sech2 * kGeluScale * (1.f + 3.f * kGeluCubic * x * x);
-    dinp[i] = local * dout[i];
+    dinp[i] = GeluGrad(inp[i]) * dout[i];
   }
 }
 
@@ -66,32 +72,20 @@ unsigned GridFor(int64_t n) {
   return static_cast<unsigned>(std::min((n + kBlock - 1) / kBlock, kMaxBlocks));
 }
 
-// Checks arguments shared by every launcher. `ptrs_ok` is false when any pointer is null.
-Status CheckArgs(const char* op, int64_t n, bool ptrs_ok) {
-  if (n < 0) return InvalidArgument(std::string(op) + ": n = " + std::to_string(n) + " < 0");
-  if (n > 0 && !ptrs_ok) return InvalidArgument(std::string(op) + ": null device pointer");
-  return Status::Ok();
-}
-
-// Reads (and clears) the launch error of the kernel just queued.
-Status LaunchStatus(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return Status::Ok();
-  return Internal(std::string(op) + " launch: " + cudaGetErrorName(err) + " (" +
-                  cudaGetErrorString(err) + ")");
-}
+using cuda_util::CheckCount;
+using cuda_util::LaunchStatus;
 
 }  // namespace
 
 Status CudaGeluForward(float* out, const float* inp, int64_t n, void* stream) {
-  RETURN_IF_ERROR(CheckArgs("CudaGeluForward", n, out && inp));
+  RETURN_IF_ERROR(CheckCount("CudaGeluForward", n, out && inp));
   if (n == 0) return Status::Ok();
   GeluForwardKernel<<<GridFor(n), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(out, inp, n);
   return LaunchStatus("CudaGeluForward");
 }
 
 Status CudaGeluBackward(float* dinp, const float* inp, const float* dout, int64_t n, void* stream) {
-  RETURN_IF_ERROR(CheckArgs("CudaGeluBackward", n, dinp && inp && dout));
+  RETURN_IF_ERROR(CheckCount("CudaGeluBackward", n, dinp && inp && dout));
   if (n == 0) return Status::Ok();
   GeluBackwardKernel<<<GridFor(n), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(dinp, inp, dout,
                                                                                    n);
@@ -99,7 +93,7 @@ Status CudaGeluBackward(float* dinp, const float* inp, const float* dout, int64_
 }
 
 Status CudaResidualForward(float* out, const float* a, const float* b, int64_t n, void* stream) {
-  RETURN_IF_ERROR(CheckArgs("CudaResidualForward", n, out && a && b));
+  RETURN_IF_ERROR(CheckCount("CudaResidualForward", n, out && a && b));
   if (n == 0) return Status::Ok();
   ResidualForwardKernel<<<GridFor(n), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(out, a, b, n);
   return LaunchStatus("CudaResidualForward");
@@ -116,18 +110,6 @@ using cuda_util::ToF;
 
 // Elements per thread on the vector path: 16 bytes of a 16-bit T, 32 bytes of fp32.
 constexpr int kPack = 8;
-
-__device__ __forceinline__ float GeluValue(float x) {
-  const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-  return 0.5f * x * (1.f + tanhf(u));
-}
-
-__device__ __forceinline__ float GeluGrad(float x) {
-  const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-  const float th = tanhf(u);
-  const float sech2 = 1.f - th * th;
-  return 0.5f * (1.f + th) + 0.5f * x * sech2 * kGeluScale * (1.f + 3.f * kGeluCubic * x * x);
-}
 
 // Each op handles N consecutive elements starting at i (N == kPack: i is a multiple of kPack and
 // the pointers are 16-byte aligned; N == 1: any i). Pointers that may alias are not __restrict__.
@@ -259,7 +241,7 @@ Status CheckRowsCols(const char* op, int64_t n, int c, bool ptrs_ok) {
 
 Status CudaGeluForwardT(void* out, const void* inp, int64_t n, DType dtype, void* stream) {
   constexpr const char* kOp = "CudaGeluForwardT";
-  RETURN_IF_ERROR(CheckArgs(kOp, n, out && inp));
+  RETURN_IF_ERROR(CheckCount(kOp, n, out && inp));
   if (n == 0) return Status::Ok();
   return cuda_util::DispatchDType(dtype, kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -271,7 +253,7 @@ Status CudaGeluForwardT(void* out, const void* inp, int64_t n, DType dtype, void
 Status CudaGeluBackwardT(void* dinp, const void* inp, const void* dout, int64_t n, DType dtype,
                          void* stream) {
   constexpr const char* kOp = "CudaGeluBackwardT";
-  RETURN_IF_ERROR(CheckArgs(kOp, n, dinp && inp && dout));
+  RETURN_IF_ERROR(CheckCount(kOp, n, dinp && inp && dout));
   if (n == 0) return Status::Ok();
   return cuda_util::DispatchDType(dtype, kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -285,7 +267,7 @@ Status CudaGeluBackwardT(void* dinp, const void* inp, const void* dout, int64_t 
 Status CudaResidualForwardT(float* out, const float* a, const void* b, int64_t n, DType dtype,
                             void* stream) {
   constexpr const char* kOp = "CudaResidualForwardT";
-  RETURN_IF_ERROR(CheckArgs(kOp, n, out && a && b));
+  RETURN_IF_ERROR(CheckCount(kOp, n, out && a && b));
   if (n == 0) return Status::Ok();
   return cuda_util::DispatchDType(dtype, kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;

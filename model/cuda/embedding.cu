@@ -159,16 +159,22 @@ unsigned Blocks(int64_t work, int threads) {
   return static_cast<unsigned>(std::min((work + threads - 1) / threads, kMaxBlocks));
 }
 
+// The size checks shared by the forward and the backward launcher.
+Status CheckSizes(const char* op, int b, int t, int c, int valid) {
+  if (b < 0) return cuda_util::NegativeSize(op, "b", b);
+  if (t < 0) return cuda_util::NegativeSize(op, "t", t);
+  if (c < 0) return cuda_util::NegativeSize(op, "c", c);
+  if (valid < 0) return cuda_util::NegativeSize(op, "valid", valid);
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status CudaEmbeddingForward(float* out, const int32_t* tokens, const void* wte_shard,
                             const void* wpe, int64_t lo, int valid, int b, int t, int c,
                             DType dtype, void* stream) {
   constexpr const char* kOp = "CudaEmbeddingForward";
-  if (b < 0) return cuda_util::NegativeSize(kOp, "b", b);
-  if (t < 0) return cuda_util::NegativeSize(kOp, "t", t);
-  if (c < 0) return cuda_util::NegativeSize(kOp, "c", c);
-  if (valid < 0) return cuda_util::NegativeSize(kOp, "valid", valid);
+  RETURN_IF_ERROR(CheckSizes(kOp, b, t, c, valid));
   const int64_t rows = static_cast<int64_t>(b) * t;
   if (rows == 0 || c == 0) return Status::Ok();
   if (!out || !tokens || (valid > 0 && !wte_shard)) return cuda_util::NullPointer(kOp);
@@ -218,10 +224,7 @@ Status CudaEmbeddingBackward(float* dwte_shard, float* dwpe, const float* dout,
                              const int32_t* tokens, int64_t lo, int valid, int b, int t, int c,
                              void* workspace, size_t workspace_bytes, void* stream) {
   constexpr const char* kOp = "CudaEmbeddingBackward";
-  if (b < 0) return cuda_util::NegativeSize(kOp, "b", b);
-  if (t < 0) return cuda_util::NegativeSize(kOp, "t", t);
-  if (c < 0) return cuda_util::NegativeSize(kOp, "c", c);
-  if (valid < 0) return cuda_util::NegativeSize(kOp, "valid", valid);
+  RETURN_IF_ERROR(CheckSizes(kOp, b, t, c, valid));
   const int64_t rows = static_cast<int64_t>(b) * t;
   if (rows > std::numeric_limits<int32_t>::max()) {
     return InvalidArgument(std::string(kOp) + ": b * t = " + std::to_string(rows) +

@@ -27,27 +27,11 @@
 #include "model/cuda/matmul_cuda.h"
 #include "model/cuda/reduce_cuda.h"
 #include "model/cuda/softmax_xent_cuda.h"
+#include "model/gpt_layout.h"
 #include "model/tensor_parallel.h"
 
 namespace strata::model {
 namespace {
-
-// Indices of a block's tensors within ParamTensor order (as model/gpt.cc).
-enum BlockParam {
-  kLn1W,
-  kLn1B,
-  kQkvW,
-  kQkvB,
-  kAttProjW,
-  kAttProjB,
-  kLn2W,
-  kLn2B,
-  kFcW,
-  kFcB,
-  kFcProjW,
-  kFcProjB,
-  kNumBlockParams
-};
 
 bool ProfilingRequested() {
   const char* v = std::getenv("STRATA_CUDA_PROFILE");
@@ -70,22 +54,17 @@ class CudaGptImpl final : public CudaGpt {
         range_(StageLayers(cfg.layers, stage)),
         nl_(range_.end - range_.begin),
         layout_(std::move(layout)),
+        ix_(IndexGptLayout(stage, nl_, layout_)),
         c_(cfg.channels),
         device_(device) {
-    const int size = tp ? tp->size() : 1, rank = tp ? tp->rank() : 0;
-    cl_ = cfg.channels / size;
-    nhl_ = cfg.heads / size;
-    fcl_ = 4 * cfg.channels / size;
-    const int64_t rows = (cfg.vocab_size + size - 1) / size;
-    vl_ = static_cast<int>(rows);
-    vocab_lo_ = rows * rank;
-    vocab_valid_ = static_cast<int>(std::clamp<int64_t>(cfg.vocab_size - vocab_lo_, 0, rows));
-    const bool has_wte = stage_.first() || stage_.last();
-    wte_ = has_wte ? 0 : -1;
-    wpe_ = stage_.first() ? 1 : -1;
-    block0_ = (has_wte ? 1 : 0) + (stage_.first() ? 1 : 0);
-    final_ = stage_.last() ? block0_ + nl_ * kNumBlockParams : -1;
-    n_params_ = layout_.back().offset + layout_.back().numel;
+    const TpShape shard = MakeTpShape(cfg, tp);
+    cl_ = cfg.channels / shard.size;
+    nhl_ = cfg.heads / shard.size;
+    fcl_ = 4 * cfg.channels / shard.size;
+    vl_ = static_cast<int>(shard.vocab_rows);
+    vocab_lo_ = shard.vocab_lo;
+    vocab_valid_ = static_cast<int>(shard.vocab_valid);
+    n_params_ = ix_.num_params;
   }
 
   ~CudaGptImpl() override {
@@ -182,12 +161,8 @@ class CudaGptImpl final : public CudaGpt {
   Result<float> ForwardStage(int slot, const int32_t* tokens, const float* input,
                              const int32_t* targets, int b, int t, float dloss,
                              float* output) override {
-    CHECK(b > 0 && b <= max_b_ && t > 0 && t <= max_t_);
-    CHECK(slot >= 0 && slot < num_slots());
-    CHECK_MSG(stage_.first() ? tokens != nullptr : input != nullptr,
-              "ForwardStage: the first stage takes tokens, the others an input activation");
-    CHECK_MSG(stage_.last() ? targets != nullptr : output != nullptr,
-              "ForwardStage: the last stage takes targets, the others an output buffer");
+    CheckForwardStageArgs(stage_, slot, num_slots(), b, t, max_b_, max_t_, tokens, input, targets,
+                          output);
     RETURN_IF_ERROR(Enter());
     const int64_t bt = static_cast<int64_t>(b) * t;
     const int c = c_;
@@ -201,20 +176,20 @@ class CudaGptImpl final : public CudaGpt {
       RETURN_IF_ERROR(StageIn(tokens_h_.get(), tok_event_, tokens, bt * sizeof(int32_t), s.tokens));
       if (tp_ == nullptr) {
         RETURN_IF_ERROR(Timed(KernelTimer::kEmbedding, [&] {
-          return CudaEmbeddingForward(s.res[0], s.tokens, W(wte_), W(wpe_), vocab_lo_, vocab_valid_,
-                                      b, t, c, dt_, st);
+          return CudaEmbeddingForward(s.res[0], s.tokens, W(ix_.wte), W(ix_.wpe), vocab_lo_,
+                                      vocab_valid_, b, t, c, dt_, st);
         }));
       } else {
         // Vocabulary-parallel lookup: each rank contributes the rows of its tokens, zeros
         // elsewhere; the sum over the group, then the position embedding (CPU order).
         RETURN_IF_ERROR(Timed(KernelTimer::kEmbedding, [&] {
-          return CudaEmbeddingForward(s.res[0], s.tokens, W(wte_), nullptr, vocab_lo_, vocab_valid_,
-                                      b, t, c, dt_, st);
+          return CudaEmbeddingForward(s.res[0], s.tokens, W(ix_.wte), nullptr, vocab_lo_,
+                                      vocab_valid_, b, t, c, dt_, st);
         }));
         RETURN_IF_ERROR(SumOverTp(s.res[0], bt * c, DType::kF32, "token embedding", -1));
         // dres_ is backward scratch, free during a forward: 0 + wpe[t] for every row.
         RETURN_IF_ERROR(Timed(KernelTimer::kEmbedding, [&] {
-          return CudaEmbeddingForward(dres_, s.tokens, nullptr, W(wpe_), 0, 0, b, t, c, dt_, st);
+          return CudaEmbeddingForward(dres_, s.tokens, nullptr, W(ix_.wpe), 0, 0, b, t, c, dt_, st);
         }));
         RETURN_IF_ERROR(Timed(KernelTimer::kNormAct, [&] {
           return CudaResidualForward(s.res[0], s.res[0], dres_, bt * c, st);
@@ -233,10 +208,10 @@ class CudaGptImpl final : public CudaGpt {
     }
     RETURN_IF_ERROR(Timed(KernelTimer::kNormAct, [&] {
       return CudaLayerNormForward(s.lnf, s.lnf_mean, s.lnf_rstd, s.res[static_cast<size_t>(nl_)],
-                                  W(final_), W(final_ + 1), bt, c, dt_, st);
+                                  W(ix_.final), W(ix_.final + 1), bt, c, dt_, st);
     }));
     RETURN_IF_ERROR(Timed(KernelTimer::kGemm, [&] {
-      return blas_->Forward(s.logits, nullptr, s.lnf, W(wte_), nullptr, bt, c, vl_, dt_, st);
+      return blas_->Forward(s.logits, nullptr, s.lnf, W(ix_.wte), nullptr, bt, c, vl_, dt_, st);
     }));
     RETURN_IF_ERROR(StageIn(targets_h_.get(), tgt_event_, targets, bt * sizeof(int32_t), targets_));
     if (tp_ == nullptr) {
@@ -264,9 +239,7 @@ class CudaGptImpl final : public CudaGpt {
                        const GradReadyFn& on_ready) override {
     CHECK(slot >= 0 && slot < num_slots());
     Slot& s = slots_[static_cast<size_t>(slot)];
-    CHECK_MSG(s.has_grad, "Backward() needs a Forward() with dloss != 0");
-    CHECK_MSG(stage_.last() || doutput != nullptr, "BackwardStage: a non-last stage needs doutput");
-    CHECK_MSG(stage_.first() || dinput != nullptr, "BackwardStage: a non-first stage needs dinput");
+    CheckBackwardStageArgs(stage_, s.has_grad, doutput, dinput);
     s.has_grad = false;
     RETURN_IF_ERROR(Enter());
     cur_ = &s;
@@ -278,13 +251,13 @@ class CudaGptImpl final : public CudaGpt {
     void* st = stream();
     float* g = grads_;
     if (stage_.last()) {
-      const int fi = final_;
+      const int fi = ix_.final;
       RETURN_IF_ERROR(
           Timed(KernelTimer::kCopy, [&] { return CudaMemsetZero(dres_, res_bytes, st); }));
       // Tied LM head (column-parallel over the vocabulary): dX is a partial sum per rank.
       RETURN_IF_ERROR(Timed(KernelTimer::kGemm, [&] {
-        return blas_->Backward(dln_, g + layout_[wte_].offset, nullptr, s.logits, s.lnf, W(wte_),
-                               bt, c, vl_, dt_, st);
+        return blas_->Backward(dln_, g + layout_[ix_.wte].offset, nullptr, s.logits, s.lnf,
+                               W(ix_.wte), bt, c, vl_, dt_, st);
       }));
       RETURN_IF_ERROR(SumOverTp(dln_, bt * c, dt_, "lm_head input gradient", -1));
       RETURN_IF_ERROR(Timed(KernelTimer::kNormAct, [&] {
@@ -300,7 +273,7 @@ class CudaGptImpl final : public CudaGpt {
       const int gl = range_.begin + l;  // global index, for error messages
       if (cfg_.recompute) RETURN_IF_ERROR(LayerForward(l));
       const Acts& a = s.acts[static_cast<size_t>(l)];
-      auto gp = [&](int k) { return g + layout_[block0_ + l * kNumBlockParams + k].offset; };
+      auto gp = [&](int k) { return g + layout_[ix_.Block(l, k)].offset; };
       // Row-parallel c_proj: dout is the full (replicated) residual gradient, so its bias
       // gradient is the same on every rank and dX is local; no collective.
       ASSIGN_OR_RETURN(const void* branch, BranchGrad(bt * c));
@@ -340,55 +313,30 @@ class CudaGptImpl final : public CudaGpt {
                                      a.ln1_rstd, bt, c, dt_, st);
       }));
       if (on_ready) {
-        const ParamTensor& first = layout_[block0_ + l * kNumBlockParams];
-        const ParamTensor& last = layout_[block0_ + l * kNumBlockParams + kNumBlockParams - 1];
-        on_ready(first.offset, last.offset + last.numel - first.offset);
+        const FlatRange r = BlockRange(layout_, ix_, l);
+        on_ready(r.offset, r.count);
       }
     }
     if (stage_.first()) {
       // dres_ is replicated, so wpe's gradient is too; each rank adds to its own wte rows.
       RETURN_IF_ERROR(Timed(KernelTimer::kEmbedding, [&] {
-        return CudaEmbeddingBackward(g + layout_[wte_].offset, g + layout_[wpe_].offset, dres_,
-                                     s.tokens, vocab_lo_, vocab_valid_, b, t, c, emb_ws_,
+        return CudaEmbeddingBackward(g + layout_[ix_.wte].offset, g + layout_[ix_.wpe].offset,
+                                     dres_, s.tokens, vocab_lo_, vocab_valid_, b, t, c, emb_ws_,
                                      emb_ws_bytes_, st);
       }));
-      if (on_ready) on_ready(0, layout_[wte_].numel + layout_[wpe_].numel);
+      if (on_ready) on_ready(0, layout_[ix_.wte].numel + layout_[ix_.wpe].numel);
       return Status::Ok();
     }
     RETURN_IF_ERROR(StageOut(dinput, dres_, res_bytes));
     // The LM head's wte gradient was final since the start; reported last to keep the ranges
     // in buffer order from the end.
-    if (on_ready && stage_.last()) on_ready(0, layout_[wte_].numel);
+    if (on_ready && stage_.last()) on_ready(0, layout_[ix_.wte].numel);
     return Status::Ok();
   }
 
  private:
-  struct Acts {
-    void* ln1 = nullptr;  // T
-    float* ln1_mean = nullptr;
-    float* ln1_rstd = nullptr;
-    void* qkv = nullptr;  // T, local heads: [BT, 3 * C / tp]
-    void* atty = nullptr;
-    float* lse = nullptr;
-    float* res_mid = nullptr;
-    void* ln2 = nullptr;
-    float* ln2_mean = nullptr;
-    float* ln2_rstd = nullptr;
-    void* fch = nullptr;  // T, [BT, 4 * C / tp]
-    void* fchg = nullptr;
-  };
-
-  struct Slot {
-    std::vector<Acts> acts;   // per local block (under recompute all alias one shared set)
-    std::vector<float*> res;  // as model/gpt.cc
-    void* lnf = nullptr;      // last stage
-    float* lnf_mean = nullptr;
-    float* lnf_rstd = nullptr;
-    void* logits = nullptr;     // last stage: local [BT, V/tp]; dlogits after dloss != 0
-    int32_t* tokens = nullptr;  // first stage (device)
-    int b = 0, t = 0;
-    bool has_grad = false;
-  };
+  using Acts = BlockActs<void*>;          // compute-precision pointers: void*
+  using Slot = ActSlot<void*, int32_t*>;  // tokens: device memory (first stage)
 
   // Queues `launch` (a launcher call) timed under class `c` when profiling is on.
   template <typename F>
@@ -440,7 +388,7 @@ class CudaGptImpl final : public CudaGpt {
     if (compute_ == nullptr) return master_ + off;
     return static_cast<const char*>(compute_) + static_cast<size_t>(off) * es_;
   }
-  const void* BW(int l, int k) const { return W(block0_ + l * kNumBlockParams + k); }
+  const void* BW(int l, int k) const { return W(ix_.Block(l, k)); }
 
   // The residual-stream gradient in compute precision, as the dout of a branch's last GEMM.
   Result<const void*> BranchGrad(int64_t n) {
@@ -458,11 +406,6 @@ class CudaGptImpl final : public CudaGpt {
     RETURN_IF_ERROR(stream_.Synchronize());
     RETURN_IF_ERROR(Synced());
     return TpContext(tp_->AllReduceSum(buf, n, type), what, layer);
-  }
-  static Status TpContext(const Status& s, const char* what, int layer) {
-    if (s.ok()) return s;
-    return s.WithContext(std::string("tensor-parallel all-reduce of ") +
-                         (layer >= 0 ? "h." + std::to_string(layer) + "." : std::string()) + what);
   }
 
   Status RowParallelForward(void* out, const void* inp, const void* w, const void* bias,
@@ -676,7 +619,7 @@ class CudaGptImpl final : public CudaGpt {
   LayerRange range_;
   int nl_;
   std::vector<ParamTensor> layout_;
-  int wte_ = -1, wpe_ = -1, block0_ = 0, final_ = -1;
+  LayoutIndex ix_;
   int c_, cl_ = 0, nhl_ = 0, fcl_ = 0, vl_ = 0;
   int64_t vocab_lo_ = 0;
   int vocab_valid_ = 0;
@@ -728,16 +671,8 @@ Result<std::unique_ptr<Gpt>> CreateCudaGpt(const GptConfig& config, DType comput
                                            int max_seq, TensorParallelComm* tp,
                                            const PipelineStage& stage, int num_slots,
                                            int device_index) {
-  RETURN_IF_ERROR(config.Validate());
-  if (max_batch <= 0) return InvalidArgument("micro batch must be > 0");
-  if (max_seq <= 0 || max_seq > config.max_seq_len) {
-    return InvalidArgument("model.seq_len: " + std::to_string(max_seq) +
-                           " must be in [1, max_seq_len=" + std::to_string(config.max_seq_len) +
-                           "]");
-  }
-  if (num_slots < 1) {
-    return InvalidArgument("activation slots: " + std::to_string(num_slots) + " must be >= 1");
-  }
+  RETURN_IF_ERROR(CheckGptSizes(config, max_batch, max_seq));
+  RETURN_IF_ERROR(CheckGptSlots(num_slots));
   const int hs = config.channels / config.heads;
   if (hs != 32 && hs != 64 && hs != 128) {
     return InvalidArgument("model.d_model / model.heads: head size " + std::to_string(hs) +
@@ -749,12 +684,10 @@ Result<std::unique_ptr<Gpt>> CreateCudaGpt(const GptConfig& config, DType comput
     return InvalidArgument("CUDA model: device " + std::to_string(device_index) +
                            " out of range [0, " + std::to_string(devices) + ")");
   }
-  // The CPU model checks tp and pipeline coordinates and builds the layout; a one-token model
-  // (its parameters only) is enough for that.
-  ASSIGN_OR_RETURN(std::unique_ptr<Gpt> host, Gpt::Create(config, DType::kF32, 1, 1, tp, stage, 1));
-  std::vector<ParamTensor> layout = host->tensors();
-  host.reset();
-  if (tp != nullptr && tp->size() == 1) tp = nullptr;  // nothing to split or reduce
+  // The CPU model's tp and pipeline checks and parameter layout.
+  RETURN_IF_ERROR(CheckGptParallelism(config, tp, stage));
+  tp = EffectiveTp(tp);
+  std::vector<ParamTensor> layout = BuildGptLayout(config, MakeTpShape(config, tp), stage, nullptr);
   auto m = std::make_unique<CudaGptImpl>(config, compute, max_batch, max_seq, tp, stage,
                                          device_index, std::move(layout));
   RETURN_IF_ERROR(

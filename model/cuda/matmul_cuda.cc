@@ -42,29 +42,14 @@
 #include <utility>
 
 #include "model/cuda/cuda_runtime_info.h"
+#include "model/cuda/cuda_status.h"
 #include "model/cuda/elementwise_cuda.h"
 #include "model/cuda/gemm_layout.h"
 
 namespace strata::model {
 namespace {
 
-Status FromCuda(cudaError_t err, const std::string& what) {
-  if (err == cudaSuccess) return Status::Ok();
-  (void)cudaGetLastError();
-  const std::string msg =
-      what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-  switch (err) {
-    case cudaErrorNoDevice:
-    case cudaErrorInsufficientDriver:
-    case cudaErrorStubLibrary:
-    case cudaErrorDevicesUnavailable:
-      return Status(StatusCode::kUnavailable, msg);
-    case cudaErrorMemoryAllocation:
-      return ResourceExhausted(msg);
-    default:
-      return Internal(msg);
-  }
-}
+using cuda_util::FromCuda;
 
 Status FromCublas(cublasStatus_t st, const std::string& what) {
   if (st == CUBLAS_STATUS_SUCCESS) return Status::Ok();

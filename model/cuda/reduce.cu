@@ -12,12 +12,8 @@
 // cannot change the result. The CPU SumOfSquares sums in another order (per OpenMP thread), so
 // the two agree to double rounding, not bitwise.
 //
-// Conversions to bf16 / fp16 round to nearest even with the bit operations of model/dtype.h
-// (FloatToBf16, the software FloatToHalfBits): bit-identical for every non-NaN value. NaN stays
-// NaN: bf16 keeps the upper payload bits (as FloatToBf16); fp16 keeps the sign and the top
-// payload bits and sets the quiet bit, as F16C (vcvtps2ph / vcvtph2ps, which the CPU build uses
-// on x86) — checked against F16C for all 2^32 floats and all 2^16 halves. The CPU's software
-// fallback (no F16C) differs only in NaN payloads.
+// Conversions to bf16 / fp16 are typed_access.cuh's DevFromFloat / DevToFloat: round to nearest
+// even, bit-identical with model/dtype.h for every non-NaN value (NaN handling described there).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +22,7 @@
 
 #include "common/status.h"
 #include "model/cuda/reduce_cuda.h"
+#include "model/cuda/typed_access.cuh"
 
 namespace strata::model {
 namespace {
@@ -51,55 +48,9 @@ unsigned MapBlocks(int64_t n) {
       std::clamp<int64_t>((Chunks(n) + kThreads - 1) / kThreads, 1, kMaxMapBlocks));
 }
 
-bool Aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-// ---- element conversions (bit-exact with model/dtype.h) ----
-
-__device__ __forceinline__ float DevToFloat(bf16 x) {
-  return __uint_as_float(static_cast<uint32_t>(x.bits) << 16);
-}
-__device__ __forceinline__ float DevToFloat(f16 x) {
-  const uint32_t h = x.bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  if (e == 0x1fu) {  // inf, or NaN made quiet (as F16C's vcvtph2ps)
-    return __uint_as_float(sign | 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0u));
-  }
-  if (e == 0) {                                                           // zero, subnormal
-    const float val = static_cast<float>(mant) * 5.9604644775390625e-8f;  // exact: mant * 2^-24
-    return sign ? -val : val;
-  }
-  return __uint_as_float(sign | ((e + 112u) << 23) | (mant << 13));
-}
-
-template <typename T>
-__device__ __forceinline__ T DevFromFloat(float f);
-template <>
-__device__ __forceinline__ bf16 DevFromFloat<bf16>(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{static_cast<uint16_t>(u >> 16)};
-}
-template <>
-__device__ __forceinline__ f16 DevFromFloat<f16>(float f) {
-  const uint32_t u = __float_as_uint(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) {  // NaN: made quiet, top payload bits kept (as F16C)
-    return f16{static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu))};
-  }
-  if (a >= 0x477ff000u) return f16{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
-  if (a < 0x38800000u) {
-    // fp16 subnormal or zero: value / 2^-24 (exact, < 2^11) rounded to nearest even.
-    const float scaled = __uint_as_float(a) * 16777216.0f;
-    return f16{static_cast<uint16_t>(sign | static_cast<uint16_t>(__float2uint_rn(scaled)))};
-  }
-  uint32_t m = a - 0x38000000u;  // rebias the exponent 127 -> 15
-  m += 0xfffu + ((m >> 13) & 1u);
-  return f16{static_cast<uint16_t>(sign | static_cast<uint16_t>(m >> 13))};
-}
+using cuda_util::Aligned;
+using cuda_util::DevFromFloat;
+using cuda_util::DevToFloat;
 
 template <typename T>
 struct alignas(sizeof(T) * kChunk) Pack4 {
@@ -244,16 +195,11 @@ __global__ void CastToFloatKernel(float* __restrict__ dst, const T* __restrict__
 
 // ---- launch helpers ----
 
-Status CheckN(const char* op, int64_t n, bool ptrs_ok) {
-  if (n < 0) return InvalidArgument(std::string(op) + ": n = " + std::to_string(n) + " < 0");
-  if (n > 0 && !ptrs_ok) return InvalidArgument(std::string(op) + ": null device pointer");
-  return Status::Ok();
-}
-
+// INTERNAL "op: cudaErrorName (description)"; this file's launch errors too (no " launch" in the
+// text, unlike cuda_util::LaunchStatus).
 Status CudaStatus(const char* op, cudaError_t err) {
   if (err == cudaSuccess) return Status::Ok();
-  return Internal(std::string(op) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
-                  ")");
+  return Internal(cuda_util::CudaErrorMessage(op, err));
 }
 
 Status LaunchStatus(const char* op) { return CudaStatus(op, cudaGetLastError()); }
@@ -274,7 +220,7 @@ Status CheckWorkspace(const char* op, int64_t n, const void* workspace, size_t w
 template <bool kSquare>
 Status LaunchSum(const char* op, double* out, const float* x, int64_t n, bool accumulate,
                  void* workspace, size_t workspace_bytes, void* stream) {
-  RETURN_IF_ERROR(CheckN(op, n, x != nullptr));
+  RETURN_IF_ERROR(cuda_util::CheckCount(op, n, x != nullptr));
   if (out == nullptr) return InvalidArgument(std::string(op) + ": null output");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (n == 0) {
@@ -288,6 +234,29 @@ Status LaunchSum(const char* op, double* out, const float* x, int64_t n, bool ac
   RETURN_IF_ERROR(LaunchStatus(op));
   FinishSumKernel<<<1, kThreads, 0, s>>>(out, partials, blocks, accumulate);
   return LaunchStatus(op);
+}
+
+// Shared by CudaCastFromFloat / CudaCastToFloat: checks the arguments; fp32 is a device copy
+// (nothing when dst == src); bf16 / fp16 call launch(T{}, stream) to queue the cast kernel.
+template <typename Launch>
+Status LaunchCast(const char* op, void* dst, const void* src, int64_t n, DType dtype, void* stream,
+                  Launch&& launch) {
+  RETURN_IF_ERROR(cuda_util::CheckCount(op, n, dst && src));
+  if (n == 0) return Status::Ok();
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kF32:
+      if (dst == src) return Status::Ok();
+      return CudaStatus(op, cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(float),
+                                            cudaMemcpyDeviceToDevice, s));
+    case DType::kBF16:
+      launch(bf16{}, s);
+      return LaunchStatus(op);
+    case DType::kF16:
+      launch(f16{}, s);
+      return LaunchStatus(op);
+  }
+  return InvalidArgument(std::string(op) + ": unsupported dtype");
 }
 
 }  // namespace
@@ -309,7 +278,7 @@ Status CudaSum(double* out, const float* x, int64_t n, void* workspace, size_t w
 }
 
 Status CudaFlagNonFinite(int* flag, const float* x, int64_t n, void* stream) {
-  RETURN_IF_ERROR(CheckN("CudaFlagNonFinite", n, flag && x));
+  RETURN_IF_ERROR(cuda_util::CheckCount("CudaFlagNonFinite", n, flag && x));
   if (n == 0) return Status::Ok();
   FlagNonFiniteKernel<<<MapBlocks(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       flag, x, n, Aligned(x, 16));
@@ -317,7 +286,7 @@ Status CudaFlagNonFinite(int* flag, const float* x, int64_t n, void* stream) {
 }
 
 Status CudaScale(float* x, int64_t n, float s, void* stream) {
-  RETURN_IF_ERROR(CheckN("CudaScale", n, x != nullptr));
+  RETURN_IF_ERROR(cuda_util::CheckCount("CudaScale", n, x != nullptr));
   if (n == 0) return Status::Ok();
   ScaleKernel<<<MapBlocks(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(x, n, s,
                                                                                 Aligned(x, 16));
@@ -325,49 +294,19 @@ Status CudaScale(float* x, int64_t n, float s, void* stream) {
 }
 
 Status CudaCastFromFloat(void* dst, const float* src, int64_t n, DType dtype, void* stream) {
-  constexpr const char* kOp = "CudaCastFromFloat";
-  RETURN_IF_ERROR(CheckN(kOp, n, dst && src));
-  if (n == 0) return Status::Ok();
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool src_aligned = Aligned(src, 16);
-  switch (dtype) {
-    case DType::kF32:
-      if (dst == src) return Status::Ok();
-      return CudaStatus(kOp, cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(float),
-                                             cudaMemcpyDeviceToDevice, s));
-    case DType::kBF16:
-      CastFromFloatKernel<bf16><<<MapBlocks(n), kThreads, 0, s>>>(
-          static_cast<bf16*>(dst), src, n, src_aligned && Aligned(dst, sizeof(Pack4<bf16>)));
-      return LaunchStatus(kOp);
-    case DType::kF16:
-      CastFromFloatKernel<f16><<<MapBlocks(n), kThreads, 0, s>>>(
-          static_cast<f16*>(dst), src, n, src_aligned && Aligned(dst, sizeof(Pack4<f16>)));
-      return LaunchStatus(kOp);
-  }
-  return InvalidArgument(std::string(kOp) + ": unsupported dtype");
+  return LaunchCast("CudaCastFromFloat", dst, src, n, dtype, stream, [&](auto tag, cudaStream_t s) {
+    using T = decltype(tag);
+    CastFromFloatKernel<T><<<MapBlocks(n), kThreads, 0, s>>>(
+        static_cast<T*>(dst), src, n, Aligned(src, 16) && Aligned(dst, sizeof(Pack4<T>)));
+  });
 }
 
 Status CudaCastToFloat(float* dst, const void* src, int64_t n, DType dtype, void* stream) {
-  constexpr const char* kOp = "CudaCastToFloat";
-  RETURN_IF_ERROR(CheckN(kOp, n, dst && src));
-  if (n == 0) return Status::Ok();
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool dst_aligned = Aligned(dst, 16);
-  switch (dtype) {
-    case DType::kF32:
-      if (dst == src) return Status::Ok();
-      return CudaStatus(kOp, cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(float),
-                                             cudaMemcpyDeviceToDevice, s));
-    case DType::kBF16:
-      CastToFloatKernel<bf16><<<MapBlocks(n), kThreads, 0, s>>>(
-          dst, static_cast<const bf16*>(src), n, dst_aligned && Aligned(src, sizeof(Pack4<bf16>)));
-      return LaunchStatus(kOp);
-    case DType::kF16:
-      CastToFloatKernel<f16><<<MapBlocks(n), kThreads, 0, s>>>(
-          dst, static_cast<const f16*>(src), n, dst_aligned && Aligned(src, sizeof(Pack4<f16>)));
-      return LaunchStatus(kOp);
-  }
-  return InvalidArgument(std::string(kOp) + ": unsupported dtype");
+  return LaunchCast("CudaCastToFloat", dst, src, n, dtype, stream, [&](auto tag, cudaStream_t s) {
+    using T = decltype(tag);
+    CastToFloatKernel<T><<<MapBlocks(n), kThreads, 0, s>>>(
+        dst, static_cast<const T*>(src), n, Aligned(dst, 16) && Aligned(src, sizeof(Pack4<T>)));
+  });
 }
 
 }  // namespace strata::model

@@ -26,6 +26,7 @@
 
 #include "common/status.h"
 #include "model/cuda/softmax_xent_cuda.h"
+#include "model/cuda/typed_access.cuh"
 
 namespace strata::model {
 namespace {
@@ -34,59 +35,10 @@ constexpr int kMaxThreads = 512;
 constexpr int64_t kMaxGrid = 1 << 20;  // more rows loop in the grid stride
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// ---- element types (bit-exact with model/dtype.h) ----
-
-__device__ __forceinline__ float DevToFloat(float x) { return x; }
-__device__ __forceinline__ float DevToFloat(bf16 x) {
-  return __uint_as_float(static_cast<uint32_t>(x.bits) << 16);
-}
-__device__ __forceinline__ float DevToFloat(f16 x) {
-  const uint32_t h = x.bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  if (e == 0x1fu) {  // inf, or NaN made quiet (as F16C's vcvtph2ps)
-    return __uint_as_float(sign | 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0u));
-  }
-  if (e == 0) {                                                           // zero, subnormal
-    const float val = static_cast<float>(mant) * 5.9604644775390625e-8f;  // exact: mant * 2^-24
-    return sign ? -val : val;
-  }
-  return __uint_as_float(sign | ((e + 112u) << 23) | (mant << 13));
-}
-
-template <typename T>
-__device__ __forceinline__ T DevFromFloat(float f);
-template <>
-__device__ __forceinline__ float DevFromFloat<float>(float f) {
-  return f;
-}
-template <>
-__device__ __forceinline__ bf16 DevFromFloat<bf16>(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{static_cast<uint16_t>(u >> 16)};
-}
-template <>
-__device__ __forceinline__ f16 DevFromFloat<f16>(float f) {
-  // Round to nearest even, overflow to inf, subnormals — the software FloatToHalfBits; a NaN
-  // keeps its sign and top payload bits and is made quiet, as F16C's vcvtps2ph (checked against
-  // it for all 2^32 inputs).
-  const uint32_t u = __float_as_uint(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return f16{static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu))};
-  if (a >= 0x477ff000u) return f16{static_cast<uint16_t>(sign | 0x7c00u)};
-  if (a < 0x38800000u) {
-    // value / 2^-24, rounded to nearest even by the FPU (the product is exact, < 2^11).
-    const float scaled = __uint_as_float(a) * 16777216.0f;
-    return f16{static_cast<uint16_t>(sign | static_cast<uint16_t>(__float2uint_rn(scaled)))};
-  }
-  uint32_t m = a - 0x38000000u;
-  m += 0xfffu + ((m >> 13) & 1u);
-  return f16{static_cast<uint16_t>(sign | static_cast<uint16_t>(m >> 13))};
-}
+// Element types: typed_access.cuh's conversions bit-exact with model/dtype.h.
+using cuda_util::DevFromFloat;
+using cuda_util::DevToFloat;
+using cuda_util::LaunchStatus;
 
 // N consecutive elements loaded / stored as one access (N * sizeof(T) is 16 or sizeof(T)).
 template <typename T, int N>
@@ -174,6 +126,25 @@ __device__ float BlockReduce(float x, Op op, float identity) {
 
 // ---- kernels: one block per row; v % N == 0 (N > 1 only for 16-byte aligned rows) ----
 
+// The gradient pass over one row x[0, packs * N), read and overwritten in place by the block:
+// (softmax - onehot(tgt)) * dloss for the real columns j < valid, 0 for the padding. `tgt` is
+// the target's column in this row (outside [0, valid): no one-hot term).
+template <typename T, int N>
+__device__ __forceinline__ void WriteGradient(T* x, int packs, int valid, float m, float inv,
+                                              int64_t tgt, float dloss) {
+  for (int k = threadIdx.x; k < packs; k += blockDim.x) {
+    Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(x)[k];
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const int j = k * N + e;
+      float g = 0.f;
+      if (j < valid) g = (expf(DevToFloat(p.v[e]) - m) * inv - (j == tgt ? 1.f : 0.f)) * dloss;
+      p.v[e] = DevFromFloat<T>(g);
+    }
+    reinterpret_cast<Pack<T, N>*>(x)[k] = p;
+  }
+}
+
 template <typename T, int N>
 __global__ void SoftmaxXentKernel(T* logits, float* losses, const int32_t* __restrict__ targets,
                                   int64_t n, int v, int valid, float dloss) {
@@ -196,18 +167,7 @@ __global__ void SoftmaxXentKernel(T* logits, float* losses, const int32_t* __res
     BlockReduceOnline(m, s);
     if (threadIdx.x == 0) losses[row] = tgt_ok ? logf(s) - (xt - m) : NAN;
     if (dloss == 0.f) continue;
-    const float inv = 1.f / s;
-    for (int k = threadIdx.x; k < packs; k += blockDim.x) {
-      Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(x)[k];
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        const int j = k * N + e;
-        float g = 0.f;
-        if (j < valid) g = (expf(DevToFloat(p.v[e]) - m) * inv - (j == tgt ? 1.f : 0.f)) * dloss;
-        p.v[e] = DevFromFloat<T>(g);
-      }
-      reinterpret_cast<Pack<T, N>*>(x)[k] = p;
-    }
+    WriteGradient<T, N>(x, packs, valid, m, 1.f / s, tgt, dloss);
   }
 }
 
@@ -269,19 +229,8 @@ __global__ void ShardFinishKernel(T* logits, float* losses, const float* __restr
     T* x = logits + row * v;
     if (threadIdx.x == 0) losses[row] = logf(sum_exp[row]) - target[row];
     const float m = mx[row];
-    const float inv = 1.f / sum_exp[row];
     const int64_t tgt = static_cast<int64_t>(targets[row]) - lo;
-    for (int k = threadIdx.x; k < packs; k += blockDim.x) {
-      Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(x)[k];
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        const int j = k * N + e;
-        float g = 0.f;
-        if (j < valid) g = (expf(DevToFloat(p.v[e]) - m) * inv - (j == tgt ? 1.f : 0.f)) * dloss;
-        p.v[e] = DevFromFloat<T>(g);
-      }
-      reinterpret_cast<Pack<T, N>*>(x)[k] = p;
-    }
+    WriteGradient<T, N>(x, packs, valid, m, 1.f / sum_exp[row], tgt, dloss);
   }
 }
 
@@ -315,13 +264,6 @@ Status CheckDType(const char* op, DType dtype) {
   if (dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16) return Status::Ok();
   return InvalidArgument(std::string(op) + ": unsupported dtype " +
                          std::to_string(static_cast<int>(dtype)));
-}
-
-Status LaunchStatus(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return Status::Ok();
-  return Internal(std::string(op) + " launch: " + cudaGetErrorName(err) + " (" +
-                  cudaGetErrorString(err) + ")");
 }
 
 // Calls f(T{}) with T the storage type of dtype (checked by CheckDType beforehand).

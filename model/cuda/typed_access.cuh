@@ -1,8 +1,20 @@
-// Private helpers for the typed CUDA kernels (elementwise.cu, layernorm.cu, embedding.cu): the
-// compute type T as a CUDA type, fp32 <-> T conversions (round to nearest even, as
-// model/dtype.h), vector loads/stores of N consecutive elements, warp sums, and the launchers'
-// shared argument/launch-status checks. Not a public header: it includes CUDA headers and is
-// included only from .cu files.
+// Private helpers for the CUDA kernels (.cu files in model/cuda): the compute type T as a CUDA
+// type, fp32 <-> T conversions, vector loads/stores of N consecutive elements, warp sums, and the
+// launchers' shared argument checks (launch-status / CUDA-error helpers: cuda_status.h). Not a
+// public header: it includes CUDA headers and is included only from .cu files.
+//
+// Two sets of conversions, both round to nearest even and agree on every non-NaN value:
+// - ToF / FromF on the CUDA types (__nv_bfloat16, __half): the hardware cvt instructions, used
+//   by the hot kernels (elementwise, layernorm, embedding, attention). A NaN comes out as the
+//   hardware's NaN, whose payload need not match the CPU's.
+// - DevToFloat / DevFromFloat on model::bf16 / f16 (and the raw-bit forms FloatToBf16Bits /
+//   FloatToHalfBitsDev): the bit operations of model/dtype.h (FloatToBf16, the software
+//   FloatToHalfBits), bit-identical with the CPU for every non-NaN value. NaN stays NaN: bf16
+//   keeps the upper payload bits (as FloatToBf16); fp16 keeps the sign and the top payload bits
+//   and sets the quiet bit, as F16C (vcvtps2ph / vcvtph2ps, which the CPU build uses on x86) —
+//   checked against F16C for all 2^32 floats and all 2^16 halves. The CPU's software fallback
+//   (no F16C) differs only in NaN payloads. Used where the GPU must reproduce the CPU's bits
+//   (casts of the master weights, AdamW's compute copy, softmax-xent).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +26,7 @@
 #include <type_traits>
 
 #include "common/status.h"
+#include "model/cuda/cuda_status.h"
 #include "model/dtype.h"
 
 namespace strata::model::cuda_util {
@@ -44,25 +57,20 @@ inline bool Aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-// Reads (and clears) the launch error of the kernel just queued.
-inline Status LaunchStatus(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return Status::Ok();
-  return Internal(std::string(op) + " launch: " + cudaGetErrorName(err) + " (" +
-                  cudaGetErrorString(err) + ")");
-}
-
-inline Status CudaError(const char* op, const char* what, cudaError_t err) {
-  return Internal(std::string(op) + ": " + what + ": " + cudaGetErrorName(err) + " (" +
-                  cudaGetErrorString(err) + ")");
-}
-
 inline Status NegativeSize(const char* op, const char* name, int64_t v) {
   return InvalidArgument(std::string(op) + ": " + name + " = " + std::to_string(v) + " < 0");
 }
 
 inline Status NullPointer(const char* op) {
   return InvalidArgument(std::string(op) + ": null device pointer");
+}
+
+// The checks of a launcher over n elements: n >= 0, and `ptrs_ok` (no pointer is null) when
+// n > 0.
+inline Status CheckCount(const char* op, int64_t n, bool ptrs_ok) {
+  if (n < 0) return NegativeSize(op, "n", n);
+  if (n > 0 && !ptrs_ok) return NullPointer(op);
+  return Status::Ok();
 }
 
 // ---- device side ----------------------------------------------------------------------------
@@ -187,6 +195,67 @@ __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
+}
+
+// ---- device side, bit-exact with model/dtype.h (see the file comment) ------------------------
+
+__device__ __forceinline__ uint16_t FloatToBf16Bits(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Round to nearest even, overflow to inf, subnormals — the software FloatToHalfBits; a NaN keeps
+// its sign and top payload bits and is made quiet, as F16C's vcvtps2ph.
+__device__ __forceinline__ uint16_t FloatToHalfBitsDev(float f) {
+  const uint32_t u = __float_as_uint(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
+  if (a < 0x38800000u) {
+    // fp16 subnormal or zero: value / 2^-24 (exact, < 2^11) rounded to nearest even by the FPU.
+    const float scaled = __uint_as_float(a) * 16777216.0f;
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(__float2uint_rn(scaled)));
+  }
+  uint32_t m = a - 0x38000000u;  // rebias the exponent 127 -> 15
+  m += 0xfffu + ((m >> 13) & 1u);
+  return static_cast<uint16_t>(sign | static_cast<uint16_t>(m >> 13));
+}
+
+__device__ __forceinline__ float DevToFloat(float x) { return x; }
+__device__ __forceinline__ float DevToFloat(bf16 x) {
+  return __uint_as_float(static_cast<uint32_t>(x.bits) << 16);
+}
+__device__ __forceinline__ float DevToFloat(f16 x) {
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (e == 0x1fu) {  // inf, or NaN made quiet (as F16C's vcvtph2ps)
+    return __uint_as_float(sign | 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0u));
+  }
+  if (e == 0) {                                                           // zero, subnormal
+    const float val = static_cast<float>(mant) * 5.9604644775390625e-8f;  // exact: mant * 2^-24
+    return sign ? -val : val;
+  }
+  return __uint_as_float(sign | ((e + 112u) << 23) | (mant << 13));
+}
+
+template <typename T>
+__device__ __forceinline__ T DevFromFloat(float f);
+template <>
+__device__ __forceinline__ float DevFromFloat<float>(float f) {
+  return f;
+}
+template <>
+__device__ __forceinline__ bf16 DevFromFloat<bf16>(float f) {
+  return bf16{FloatToBf16Bits(f)};
+}
+template <>
+__device__ __forceinline__ f16 DevFromFloat<f16>(float f) {
+  return f16{FloatToHalfBitsDev(f)};
 }
 
 }  // namespace strata::model::cuda_util

@@ -29,6 +29,7 @@
 namespace strata::model {
 namespace {
 
+using testing::SameBits;
 using testing::ToDevice;
 using testing::ToHost;
 using testing::UniformFloats;
@@ -65,11 +66,6 @@ void UnfusedReference(State& s, const std::vector<float>& grads, const std::vect
     const float den = R(R(std::sqrt(vi) / bc2_sqrt) + a.eps);
     s.params[i] = R(p - R(R(step_size * mi) / den));
   }
-}
-
-template <typename T>
-bool SameBits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
 // Gradients with a spread of magnitudes (1e-6 .. 1e2) and some exact zeros.

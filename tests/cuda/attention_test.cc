@@ -41,6 +41,7 @@ namespace {
 
 using testing::Round;
 using testing::ToDevice;
+using testing::ToFloats;
 using testing::ToHost;
 using testing::UniformFloats;
 
@@ -140,13 +141,6 @@ std::string CaseName(const Case& k) {
   return s.str();
 }
 
-template <typename T>
-std::vector<float> AsFloat(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = ToFloat(v[i]);
-  return out;
-}
-
 // Relative rounding step of T (0 for fp32: results are not rounded beyond fp32).
 template <typename T>
 double RoundingRel() {
@@ -229,8 +223,8 @@ void CheckAgainstCpu(const Case& k) {
   ASSERT_TRUE(lse_gpu.ok()) << lse_gpu.status().ToString();
 
   const double rel = RoundingRel<T>();
-  EXPECT_TRUE(Close("out", AsFloat(*out_gpu), AsFloat(out_cpu), static_cast<size_t>(b) * t, c, 0, c,
-                    rel, 1e-4));
+  EXPECT_TRUE(Close("out", ToFloats(*out_gpu), ToFloats(out_cpu), static_cast<size_t>(b) * t, c, 0,
+                    c, rel, 1e-4));
   // lse is fp32 for every dtype: 1e-5 * max(1, max |lse|).
   EXPECT_TRUE(Close("lse", *lse_gpu, lse_cpu, 1, n_lse, 0, n_lse, 0.0, 1e-5, 1.0));
 
@@ -247,7 +241,7 @@ void CheckAgainstCpu(const Case& k) {
   ASSERT_TRUE(st.ok()) << st.ToString();
   auto dqkv_gpu = ToHost<T>(*dqkv_d, n_qkv);
   ASSERT_TRUE(dqkv_gpu.ok()) << dqkv_gpu.status().ToString();
-  const std::vector<float> got = AsFloat(*dqkv_gpu), want = AsFloat(dqkv_cpu);
+  const std::vector<float> got = ToFloats(*dqkv_gpu), want = ToFloats(dqkv_cpu);
   const size_t rows = static_cast<size_t>(b) * t;
   EXPECT_TRUE(Close("dq", got, want, rows, 3 * c, 0, c, rel, 1e-4));
   EXPECT_TRUE(Close("dk", got, want, rows, 3 * c, c, c, rel, 1e-4));

@@ -34,31 +34,19 @@
 namespace strata::model {
 namespace {
 
+using testing::Round;
+using testing::SameBits;
+using testing::ShiftedBuffer;
+using testing::ToDevice;
+using testing::ToDeviceShifted;
+using testing::ToFloats;
+using testing::ToHost;
+using testing::ToHostShifted;
+using testing::UniformFloats;
+
 constexpr double kRelTol = 1e-6;
 constexpr double kGeluScale = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kGeluCubic = 0.044715;
-
-std::vector<float> Uniform(size_t n, float lo, float hi, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(rng);
-  return v;
-}
-
-Result<DeviceBuffer> Upload(const std::vector<float>& host) {
-  ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(host.size() * sizeof(float)));
-  RETURN_IF_ERROR(buf.CopyFromHost(host.data(), host.size() * sizeof(float)));
-  return buf;
-}
-
-// Waits for the default stream, then copies n floats back.
-Result<std::vector<float>> Download(const DeviceBuffer& buf, size_t n) {
-  RETURN_IF_ERROR(CudaStreamSynchronize(nullptr));
-  std::vector<float> host(n);
-  RETURN_IF_ERROR(buf.CopyToHost(host.data(), n * sizeof(float)));
-  return host;
-}
 
 // |got[i] - want[i]| <= kRelTol * scale(i) for every i; reports the count and the first few
 // offenders.
@@ -140,17 +128,17 @@ class CudaVsCpuTest : public ::testing::TestWithParam<int64_t> {
 
 TEST_P(CudaVsCpuTest, GeluForward) {
   // [-6, 6] reaches well into the tail where the result is a cancellation of O(|x|) terms.
-  const auto x = Uniform(n(), -6.f, 6.f, 1);
+  const auto x = UniformFloats(n(), -6.f, 6.f, 1);
   std::vector<float> want(n());
   GeluForward<float>(want.data(), x.data(), GetParam());
 
-  auto x_dev = Upload(x);
+  auto x_dev = ToDevice(x);
   ASSERT_TRUE(x_dev.ok()) << x_dev.status().ToString();
   auto out_dev = DeviceBuffer::Allocate(n() * sizeof(float));
   ASSERT_TRUE(out_dev.ok()) << out_dev.status().ToString();
   const Status st = CudaGeluForward(out_dev->as<float>(), x_dev->as<float>(), GetParam(), nullptr);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  auto got = Download(*out_dev, n());
+  auto got = ToHost<float>(*out_dev, n());
   ASSERT_TRUE(got.ok()) << got.status().ToString();
 
   EXPECT_TRUE(AllClose(*got, want, [&](size_t i) {
@@ -159,20 +147,20 @@ TEST_P(CudaVsCpuTest, GeluForward) {
 }
 
 TEST_P(CudaVsCpuTest, GeluBackward) {
-  const auto x = Uniform(n(), -6.f, 6.f, 2);
-  const auto dout = Uniform(n(), -1.f, 1.f, 3);
+  const auto x = UniformFloats(n(), -6.f, 6.f, 2);
+  const auto dout = UniformFloats(n(), -1.f, 1.f, 3);
   std::vector<float> want(n());
   GeluBackward<float>(want.data(), x.data(), dout.data(), GetParam());
 
-  auto x_dev = Upload(x);
+  auto x_dev = ToDevice(x);
   ASSERT_TRUE(x_dev.ok()) << x_dev.status().ToString();
-  auto g_dev = Upload(dout);
+  auto g_dev = ToDevice(dout);
   ASSERT_TRUE(g_dev.ok()) << g_dev.status().ToString();
   // In place, dinp aliasing dout, as the trainer calls it.
   const Status st = CudaGeluBackward(g_dev->as<float>(), x_dev->as<float>(), g_dev->as<float>(),
                                      GetParam(), nullptr);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  auto got = Download(*g_dev, n());
+  auto got = ToHost<float>(*g_dev, n());
   ASSERT_TRUE(got.ok()) << got.status().ToString();
 
   EXPECT_TRUE(AllClose(*got, want, [&](size_t i) {
@@ -184,20 +172,20 @@ TEST_P(CudaVsCpuTest, GeluBackward) {
 }
 
 TEST_P(CudaVsCpuTest, ResidualForward) {
-  const auto a = Uniform(n(), -10.f, 10.f, 4);
-  const auto b = Uniform(n(), -10.f, 10.f, 5);
+  const auto a = UniformFloats(n(), -10.f, 10.f, 4);
+  const auto b = UniformFloats(n(), -10.f, 10.f, 5);
   std::vector<float> want(n());
   ResidualForward<float>(want.data(), a.data(), b.data(), GetParam());
 
-  auto a_dev = Upload(a);
+  auto a_dev = ToDevice(a);
   ASSERT_TRUE(a_dev.ok()) << a_dev.status().ToString();
-  auto b_dev = Upload(b);
+  auto b_dev = ToDevice(b);
   ASSERT_TRUE(b_dev.ok()) << b_dev.status().ToString();
   // In place, out aliasing a (the residual stream).
   const Status st = CudaResidualForward(a_dev->as<float>(), a_dev->as<float>(), b_dev->as<float>(),
                                         GetParam(), nullptr);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  auto got = Download(*a_dev, n());
+  auto got = ToHost<float>(*a_dev, n());
   ASSERT_TRUE(got.ok()) << got.status().ToString();
 
   // One IEEE addition on both sides: expected bit-equal; the bound is the sum's own rounding.
@@ -225,17 +213,6 @@ double UlpOfT(double x) {
   return 0.0;
 }
 
-template <typename T>
-std::vector<float> AsFloats(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = ToFloat(v[i]);
-  return out;
-}
-
-bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
 // |got - want| <= tol(i) everywhere.
 ::testing::AssertionResult WithinTol(const std::vector<float>& got, const std::vector<float>& want,
                                      const std::function<double(size_t)>& tol) {
@@ -252,32 +229,6 @@ bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
   if (bad == 0) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure()
          << bad << " of " << got.size() << " out of tolerance" << first.str();
-}
-
-// Device copy of `v` starting `offset` elements into its buffer (offset 1 defeats the 16-byte
-// vector path).
-template <typename T>
-struct DevVec {
-  DeviceBuffer buf;
-  size_t offset = 0;
-  T* ptr() const { return buf.as<T>() + offset; }
-};
-
-template <typename T>
-DevVec<T> ToDev(const std::vector<T>& v, size_t offset) {
-  std::vector<T> padded(offset, T{});
-  padded.insert(padded.end(), v.begin(), v.end());
-  auto dev = testing::ToDevice(padded);
-  EXPECT_TRUE(dev.ok()) << dev.status().ToString();
-  return DevVec<T>{dev.ok() ? std::move(*dev) : DeviceBuffer(), offset};
-}
-
-template <typename T>
-std::vector<T> FromDev(const DevVec<T>& d, size_t n) {
-  auto host = testing::ToHost<T>(d.buf, d.offset + n);
-  EXPECT_TRUE(host.ok()) << host.status().ToString();
-  if (!host.ok()) return {};
-  return std::vector<T>(host->begin() + d.offset, host->end());
 }
 
 TEST(CudaElementwiseTest, TypedRejectBadArgumentsBeforeLaunching) {
@@ -310,25 +261,25 @@ TEST(CudaElementwiseTest, TypedRejectBadArgumentsBeforeLaunching) {
 template <typename T>
 void CheckTypedGelu(int64_t n, size_t offset, DType dtype) {
   const size_t un = static_cast<size_t>(n);
-  const auto x = testing::Round<T>(Uniform(un, -6.f, 6.f, 11));
-  const auto g = testing::Round<T>(Uniform(un, -1.f, 1.f, 12));
-  const auto xf = AsFloats(x), gf = AsFloats(g);
+  const auto x = Round<T>(UniformFloats(un, -6.f, 6.f, 11));
+  const auto g = Round<T>(UniformFloats(un, -1.f, 1.f, 12));
+  const auto xf = ToFloats(x), gf = ToFloats(g);
 
   std::vector<T> want_fwd(un), want_bwd(un);
   GeluForward<T>(want_fwd.data(), x.data(), n);
   GeluBackward<T>(want_bwd.data(), x.data(), g.data(), n);
 
-  auto d_x = ToDev(x, offset);
-  auto d_y = ToDev(std::vector<T>(un), offset);
-  auto d_g = ToDev(g, offset);
+  auto d_x = ToDeviceShifted(x, offset);
+  auto d_y = ToDeviceShifted(std::vector<T>(un), offset);
+  auto d_g = ToDeviceShifted(g, offset);
   Status st = CudaGeluForwardT(d_y.ptr(), d_x.ptr(), n, dtype, nullptr);
   ASSERT_TRUE(st.ok()) << st.ToString();
   // In place, dinp aliasing dout.
   st = CudaGeluBackwardT(d_g.ptr(), d_x.ptr(), d_g.ptr(), n, dtype, nullptr);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  const auto got_fwd = AsFloats(FromDev(d_y, un));
-  const auto got_bwd = AsFloats(FromDev(d_g, un));
-  const auto wf = AsFloats(want_fwd), wb = AsFloats(want_bwd);
+  const auto got_fwd = ToFloats(ToHostShifted(d_y, un));
+  const auto got_bwd = ToFloats(ToHostShifted(d_g, un));
+  const auto wf = ToFloats(want_fwd), wb = ToFloats(want_bwd);
 
   EXPECT_TRUE(WithinTol(got_fwd, wf, [&](size_t i) {
     const double scale = 0.5 * std::fabs(xf[i]) * (1.0 + std::fabs(TanhU(xf[i])));
@@ -346,35 +297,35 @@ void CheckTypedGelu(int64_t n, size_t offset, DType dtype) {
 template <typename T>
 void CheckTypedResidual(int64_t n, size_t offset, DType dtype) {
   const size_t un = static_cast<size_t>(n);
-  const auto a = Uniform(un, -10.f, 10.f, 13);
-  const auto b = testing::Round<T>(Uniform(un, -10.f, 10.f, 14));
+  const auto a = UniformFloats(un, -10.f, 10.f, 13);
+  const auto b = Round<T>(UniformFloats(un, -10.f, 10.f, 14));
   std::vector<float> want(un);
   ResidualForward<T>(want.data(), a.data(), b.data(), n);
-  auto d_a = ToDev(a, offset);
-  auto d_b = ToDev(b, offset);
+  auto d_a = ToDeviceShifted(a, offset);
+  auto d_b = ToDeviceShifted(b, offset);
   // In place, out aliasing a.
   const Status st = CudaResidualForwardT(d_a.ptr(), d_a.ptr(), d_b.ptr(), n, dtype, nullptr);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  EXPECT_TRUE(SameBits(FromDev(d_a, un), want)) << "ResidualForwardT";
+  EXPECT_TRUE(SameBits(ToHostShifted(d_a, un), want)) << "ResidualForwardT";
 }
 
 template <typename T>
 void CheckBias(int64_t rows, int c, size_t offset, DType dtype) {
   const size_t nc = static_cast<size_t>(rows) * c;
-  const auto x = testing::Round<T>(Uniform(nc, -4.f, 4.f, 15));
-  const auto bias = testing::Round<T>(Uniform(c, -1.f, 1.f, 16));
-  const auto dbias0 = Uniform(c, -1.f, 1.f, 17);
+  const auto x = Round<T>(UniformFloats(nc, -4.f, 4.f, 15));
+  const auto bias = Round<T>(UniformFloats(c, -1.f, 1.f, 16));
+  const auto dbias0 = UniformFloats(c, -1.f, 1.f, 17);
 
   std::vector<T> want = x;
   AddBias<T>(want.data(), bias.data(), rows, c);
-  auto d_x = ToDev(x, offset);
-  auto d_bias = ToDev(bias, offset);
+  auto d_x = ToDeviceShifted(x, offset);
+  auto d_bias = ToDeviceShifted(bias, offset);
   Status st = CudaAddBias(d_x.ptr(), d_bias.ptr(), rows, c, dtype, nullptr);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  EXPECT_TRUE(SameBits(AsFloats(FromDev(d_x, nc)), AsFloats(want))) << "AddBias";
+  EXPECT_TRUE(SameBits(ToFloats(ToHostShifted(d_x, nc)), ToFloats(want))) << "AddBias";
 
   // Bias gradient of x (as dout), twice: the runs must agree bitwise.
-  const auto xf = AsFloats(x);
+  const auto xf = ToFloats(x);
   std::vector<double> ref(c), mag(c);
   for (int j = 0; j < c; ++j) ref[j] = dbias0[j], mag[j] = std::fabs(dbias0[j]);
   for (int64_t r = 0; r < rows; ++r) {
@@ -385,13 +336,13 @@ void CheckBias(int64_t rows, int c, size_t offset, DType dtype) {
   }
   const std::vector<float> ref_f(ref.begin(), ref.end());
   const double k = ((rows + 31) / 32 + 34) / static_cast<double>(1 << 24);
-  auto d_dout = ToDev(x, offset);
+  auto d_dout = ToDeviceShifted(x, offset);
   std::vector<float> first;
   for (int run = 0; run < 2; ++run) {
-    auto d_db = ToDev(dbias0, offset);
+    auto d_db = ToDeviceShifted(dbias0, offset);
     st = CudaBiasBackward(d_db.ptr(), d_dout.ptr(), rows, c, dtype, nullptr);
     ASSERT_TRUE(st.ok()) << st.ToString();
-    auto got = FromDev(d_db, c);
+    auto got = ToHostShifted(d_db, c);
     EXPECT_TRUE(WithinTol(got, ref_f, [&](size_t j) {
       return k * mag[j] + std::fabs(ref[j]) / (1 << 24);
     })) << "BiasBackward";

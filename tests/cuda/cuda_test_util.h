@@ -7,7 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "model/cuda/cuda_runtime_info.h"
@@ -54,6 +56,48 @@ std::vector<T> Round(const std::vector<float>& x) {
   std::vector<T> out(x.size());
   for (size_t i = 0; i < x.size(); ++i) out[i] = FromFloat<T>(x[i]);
   return out;
+}
+
+// The fp32 values of a T vector.
+template <typename T>
+std::vector<float> ToFloats(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = ToFloat(v[i]);
+  return out;
+}
+
+template <typename T>
+bool SameBits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// A device copy of a vector placed `offset` elements into its allocation (offset 1 defeats the
+// 16-byte vector paths); ptr() is the vector's first element.
+template <typename T>
+struct ShiftedBuffer {
+  DeviceBuffer buf;
+  size_t offset = 0;
+  T* ptr() const { return buf.as<T>() + offset; }
+};
+
+// Host vector -> ShiftedBuffer (synchronous); a failure is a test failure and an empty buffer.
+template <typename T>
+ShiftedBuffer<T> ToDeviceShifted(const std::vector<T>& v, size_t offset) {
+  std::vector<T> padded(offset, T{});
+  padded.insert(padded.end(), v.begin(), v.end());
+  auto dev = ToDevice(padded);
+  EXPECT_TRUE(dev.ok()) << dev.status().ToString();
+  return ShiftedBuffer<T>{dev.ok() ? std::move(*dev) : DeviceBuffer(), offset};
+}
+
+// The n elements of a ShiftedBuffer, after the default stream; a failure is a test failure and
+// an empty vector.
+template <typename T>
+std::vector<T> ToHostShifted(const ShiftedBuffer<T>& s, size_t n) {
+  auto host = ToHost<T>(s.buf, s.offset + n);
+  EXPECT_TRUE(host.ok()) << host.status().ToString();
+  if (!host.ok()) return {};
+  return std::vector<T>(host->begin() + s.offset, host->end());
 }
 
 }  // namespace strata::model::testing

@@ -27,6 +27,7 @@ namespace strata::model {
 namespace {
 
 using testing::Round;
+using testing::SameBits;
 using testing::ToDevice;
 using testing::ToHost;
 using testing::UniformFloats;
@@ -59,10 +60,6 @@ std::vector<int32_t> MakeTokens(const Case& k, uint32_t seed) {
     }
   }
   return tokens;
-}
-
-bool BitwiseEqual(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 // First mismatching index, for messages.
@@ -104,7 +101,7 @@ void CheckForward(const Case& k, DType dtype, bool with_wpe) {
   ASSERT_TRUE(st.ok()) << st.ToString();
   auto got = ToHost<float>(*d_out, rows * k.c);
   ASSERT_TRUE(got.ok()) << got.status().ToString();
-  EXPECT_TRUE(BitwiseEqual(*got, want)) << FirstDiff(*got, want);
+  EXPECT_TRUE(SameBits(*got, want)) << FirstDiff(*got, want);
 }
 
 void CheckBackward(const Case& k, bool with_wpe) {
@@ -135,17 +132,17 @@ void CheckBackward(const Case& k, bool with_wpe) {
     auto dwte = ToHost<float>(*d_dwte, dwte0.size());
     auto dwpe = ToHost<float>(*d_dwpe, dwpe0.size());
     ASSERT_TRUE(dwte.ok() && dwpe.ok());
-    EXPECT_TRUE(BitwiseEqual(*dwte, want_dwte)) << "dwte " << FirstDiff(*dwte, want_dwte);
+    EXPECT_TRUE(SameBits(*dwte, want_dwte)) << "dwte " << FirstDiff(*dwte, want_dwte);
     if (with_wpe) {
-      EXPECT_TRUE(BitwiseEqual(*dwpe, want_dwpe)) << "dwpe " << FirstDiff(*dwpe, want_dwpe);
+      EXPECT_TRUE(SameBits(*dwpe, want_dwpe)) << "dwpe " << FirstDiff(*dwpe, want_dwpe);
     } else {
-      EXPECT_TRUE(BitwiseEqual(*dwpe, dwpe0)) << "dwpe == nullptr must leave wpe's grad alone";
+      EXPECT_TRUE(SameBits(*dwpe, dwpe0)) << "dwpe == nullptr must leave wpe's grad alone";
     }
     if (run == 0) {
       first_dwte = std::move(*dwte), first_dwpe = std::move(*dwpe);
     } else {
-      EXPECT_TRUE(BitwiseEqual(*dwte, first_dwte)) << "two runs differ";
-      EXPECT_TRUE(BitwiseEqual(*dwpe, first_dwpe)) << "two runs differ";
+      EXPECT_TRUE(SameBits(*dwte, first_dwte)) << "two runs differ";
+      EXPECT_TRUE(SameBits(*dwpe, first_dwpe)) << "two runs differ";
     }
   }
 }

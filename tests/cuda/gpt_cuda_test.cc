@@ -8,7 +8,6 @@
 #include "model/cuda/gpt_cuda.h"
 
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <algorithm>
 #include <chrono>
@@ -43,14 +42,7 @@ constexpr uint64_t kSeed = 5;
 // Head size 32 (the attention kernels take 32, 64, 128); a vocabulary that tp = 2 does not
 // divide, so the padded wte rows are exercised.
 GptConfig Config(bool recompute = false) {
-  GptConfig c;
-  c.vocab_size = 97;
-  c.max_seq_len = 32;
-  c.layers = 2;
-  c.heads = 2;
-  c.channels = 64;
-  c.recompute = recompute;
-  return c;
+  return ::strata::testing::GptConfigOf(97, 32, 2, 2, 64, recompute);
 }
 
 std::unique_ptr<Gpt> Cpu(const GptConfig& cfg, DType dt, TensorParallelComm* tp = nullptr,
@@ -429,16 +421,11 @@ TEST(TrainerCuda, StrataTrainDeviceCudaLossFalls) {
                           "min_lr: 3e-4, warmup: 20, precision: fp32, seed: 1337}\n"
                        << "eval: {every: 100, batches: 8}\n";
   }
-  const std::string cmd = std::string(STRATA_BINARY_DIR) + "/bin/strata train " + job +
-                          " --device cuda --max-steps 30 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  const int st = pclose(p);
-  ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << out;
+  const ::strata::testing::CommandRun run =
+      ::strata::testing::RunCommand(std::string(STRATA_BINARY_DIR) + "/bin/strata train " + job +
+                                    " --device cuda --max-steps 30");
+  const std::string& out = run.out;
+  ASSERT_EQ(run.code, 0) << out;
   EXPECT_NE(out.find("CUDA device"), std::string::npos) << out;
   std::smatch m;
   ASSERT_TRUE(std::regex_search(out, m, std::regex(R"(loss ([0-9.]+) -> ([0-9.]+))"))) << out;

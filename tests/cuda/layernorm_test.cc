@@ -41,8 +41,13 @@ namespace strata::model {
 namespace {
 
 using testing::Round;
+using testing::SameBits;
+using testing::ShiftedBuffer;
 using testing::ToDevice;
+using testing::ToDeviceShifted;
+using testing::ToFloats;
 using testing::ToHost;
+using testing::ToHostShifted;
 using testing::UniformFloats;
 
 constexpr double kU = 1.0 / (1 << 24);
@@ -61,13 +66,6 @@ double TinyT() {
 template <typename T>
 double UlpT(double x) {
   return EpsT<T>() * std::fabs(x) + TinyT<T>();
-}
-
-template <typename T>
-std::vector<float> ToFloats(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = ToFloat(v[i]);
-  return out;
 }
 
 // Counts elements with |got - want| > tol(i) and reports the first few.
@@ -92,35 +90,6 @@ std::vector<float> ToFloats(const std::vector<T>& v) {
   if (bad == 0) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure()
          << what << ": " << bad << " of " << got.size() << " out of tolerance:" << first.str();
-}
-
-bool BitwiseEqual(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-// A device buffer of `v` placed `offset` elements into the allocation; ptr() is that element.
-template <typename T>
-struct Shifted {
-  DeviceBuffer buf;
-  size_t offset = 0;
-  T* ptr() const { return buf.as<T>() + offset; }
-};
-
-template <typename T>
-Shifted<T> Upload(const std::vector<T>& v, size_t offset) {
-  std::vector<T> padded(offset, T{});
-  padded.insert(padded.end(), v.begin(), v.end());
-  auto dev = ToDevice(padded);
-  EXPECT_TRUE(dev.ok()) << dev.status().ToString();
-  return Shifted<T>{dev.ok() ? std::move(*dev) : DeviceBuffer(), offset};
-}
-
-template <typename T>
-std::vector<T> Download(const Shifted<T>& s, size_t n) {
-  auto host = ToHost<T>(s.buf, s.offset + n);
-  EXPECT_TRUE(host.ok()) << host.status().ToString();
-  if (!host.ok()) return {};
-  return std::vector<T>(host->begin() + s.offset, host->end());
 }
 
 struct Shape {
@@ -157,13 +126,13 @@ void CheckForward(const Shape& s, DType dtype, bool residual) {
   LayerNormForward<T>(want.data(), want_mean.data(), want_rstd.data(), resid.data(), w.data(),
                       b.data(), s.n, s.c);
 
-  auto d_inp = Upload(inp, s.offset);
-  auto d_branch = Upload(branch, s.offset);
-  auto d_w = Upload(w, s.offset);
-  auto d_b = Upload(b, s.offset);
-  auto d_out = Upload(std::vector<T>(nc), s.offset);
-  auto d_mean = Upload(std::vector<float>(s.n), s.offset);
-  auto d_rstd = Upload(std::vector<float>(s.n), s.offset);
+  auto d_inp = ToDeviceShifted(inp, s.offset);
+  auto d_branch = ToDeviceShifted(branch, s.offset);
+  auto d_w = ToDeviceShifted(w, s.offset);
+  auto d_b = ToDeviceShifted(b, s.offset);
+  auto d_out = ToDeviceShifted(std::vector<T>(nc), s.offset);
+  auto d_mean = ToDeviceShifted(std::vector<float>(s.n), s.offset);
+  auto d_rstd = ToDeviceShifted(std::vector<float>(s.n), s.offset);
   Status st;
   if (residual) {
     // In place (resid_out aliases resid_in), as the trainer calls it.
@@ -175,11 +144,11 @@ void CheckForward(const Shape& s, DType dtype, bool residual) {
                               d_b.ptr(), s.n, s.c, dtype, nullptr);
   }
   ASSERT_TRUE(st.ok()) << st.ToString();
-  const auto got = ToFloats(Download(d_out, nc));
-  const auto got_mean = Download(d_mean, s.n);
-  const auto got_rstd = Download(d_rstd, s.n);
+  const auto got = ToFloats(ToHostShifted(d_out, nc));
+  const auto got_mean = ToHostShifted(d_mean, s.n);
+  const auto got_rstd = ToHostShifted(d_rstd, s.n);
   if (residual) {
-    EXPECT_TRUE(BitwiseEqual(Download(d_inp, nc), resid)) << "residual stream";
+    EXPECT_TRUE(SameBits(ToHostShifted(d_inp, nc), resid)) << "residual stream";
   }
 
   std::vector<double> mabs(s.n, 0.0);
@@ -203,16 +172,16 @@ void CheckForward(const Shape& s, DType dtype, bool residual) {
 
   if (residual) {
     // Not aliased: the same results into a separate residual buffer.
-    auto d_in2 = Upload(inp, s.offset);
-    auto d_res2 = Upload(std::vector<float>(nc), s.offset);
-    auto d_out2 = Upload(std::vector<T>(nc), s.offset);
+    auto d_in2 = ToDeviceShifted(inp, s.offset);
+    auto d_res2 = ToDeviceShifted(std::vector<float>(nc), s.offset);
+    auto d_out2 = ToDeviceShifted(std::vector<T>(nc), s.offset);
     st = CudaResidualLayerNormForward(d_res2.ptr(), d_out2.ptr(), d_mean.ptr(), d_rstd.ptr(),
                                       d_in2.ptr(), d_branch.ptr(), d_w.ptr(), d_b.ptr(), s.n, s.c,
                                       dtype, nullptr);
     ASSERT_TRUE(st.ok()) << st.ToString();
-    EXPECT_TRUE(BitwiseEqual(Download(d_res2, nc), resid)) << "residual stream (not aliased)";
-    EXPECT_TRUE(BitwiseEqual(ToFloats(Download(d_out2, nc)), got)) << "aliased vs not aliased";
-    EXPECT_TRUE(BitwiseEqual(Download(d_in2, nc), inp)) << "resid_in must be left alone";
+    EXPECT_TRUE(SameBits(ToHostShifted(d_res2, nc), resid)) << "residual stream (not aliased)";
+    EXPECT_TRUE(SameBits(ToFloats(ToHostShifted(d_out2, nc)), got)) << "aliased vs not aliased";
+    EXPECT_TRUE(SameBits(ToHostShifted(d_in2, nc), inp)) << "resid_in must be left alone";
   }
 }
 
@@ -236,29 +205,29 @@ void CheckBackward(const Shape& s, DType dtype) {
   LayerNormBackward<T>(want_dinp.data(), cpu_dw.data(), cpu_db.data(), dout.data(), inp.data(),
                        w.data(), mean.data(), rstd.data(), s.n, s.c);
 
-  auto d_inp = Upload(inp, s.offset);
-  auto d_dout = Upload(dout, s.offset);
-  auto d_w = Upload(w, s.offset);
-  auto d_mean = Upload(mean, s.offset);
-  auto d_rstd = Upload(rstd, s.offset);
+  auto d_inp = ToDeviceShifted(inp, s.offset);
+  auto d_dout = ToDeviceShifted(dout, s.offset);
+  auto d_w = ToDeviceShifted(w, s.offset);
+  auto d_mean = ToDeviceShifted(mean, s.offset);
+  auto d_rstd = ToDeviceShifted(rstd, s.offset);
   std::vector<float> got_dinp, got_dw, got_db;
   for (int run = 0; run < 2; ++run) {
-    auto d_dinp = Upload(dinp0, s.offset);
-    auto d_dw = Upload(dw0, s.offset);
-    auto d_db = Upload(db0, s.offset);
+    auto d_dinp = ToDeviceShifted(dinp0, s.offset);
+    auto d_dw = ToDeviceShifted(dw0, s.offset);
+    auto d_db = ToDeviceShifted(db0, s.offset);
     const Status st =
         CudaLayerNormBackward(d_dinp.ptr(), d_dw.ptr(), d_db.ptr(), d_dout.ptr(), d_inp.ptr(),
                               d_w.ptr(), d_mean.ptr(), d_rstd.ptr(), s.n, s.c, dtype, nullptr);
     ASSERT_TRUE(st.ok()) << st.ToString();
-    auto dinp = Download(d_dinp, nc);
-    auto dw = Download(d_dw, s.c);
-    auto db = Download(d_db, s.c);
+    auto dinp = ToHostShifted(d_dinp, nc);
+    auto dw = ToHostShifted(d_dw, s.c);
+    auto db = ToHostShifted(d_db, s.c);
     if (run == 0) {
       got_dinp = std::move(dinp), got_dw = std::move(dw), got_db = std::move(db);
     } else {
-      EXPECT_TRUE(BitwiseEqual(dinp, got_dinp)) << "dinp differs between two runs";
-      EXPECT_TRUE(BitwiseEqual(dw, got_dw)) << "dw differs between two runs";
-      EXPECT_TRUE(BitwiseEqual(db, got_db)) << "db differs between two runs";
+      EXPECT_TRUE(SameBits(dinp, got_dinp)) << "dinp differs between two runs";
+      EXPECT_TRUE(SameBits(dw, got_dw)) << "dw differs between two runs";
+      EXPECT_TRUE(SameBits(db, got_db)) << "db differs between two runs";
     }
   }
 

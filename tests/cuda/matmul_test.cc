@@ -42,6 +42,7 @@ namespace {
 
 using testing::Round;
 using testing::ToDevice;
+using testing::ToFloats;
 using testing::ToHost;
 using testing::UniformFloats;
 
@@ -289,13 +290,6 @@ double UlpOf(DType t) {
       break;
   }
   return 0.0;
-}
-
-template <typename T>
-std::vector<float> ToFloats(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = ToFloat(v[i]);
-  return out;
 }
 
 // |got[i] - want[i]| <= bound(i) for every i, reporting the worst offenders.

@@ -37,7 +37,9 @@
 namespace strata::model {
 namespace {
 
+using testing::SameBits;
 using testing::ToDevice;
+using testing::ToFloats;
 using testing::ToHost;
 using testing::UniformFloats;
 
@@ -52,18 +54,6 @@ std::string Cat(const A&... a) {
   std::ostringstream os;
   (os << ... << a);
   return os.str();
-}
-
-template <typename T>
-std::vector<float> AsFloat(const std::vector<T>& x) {
-  std::vector<float> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) out[i] = ToFloat(x[i]);
-  return out;
-}
-
-template <typename T>
-bool SameBits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
 // One ulp of T relative to |g| (0 for fp32) and the absolute floor (fp16 subnormals).
@@ -215,8 +205,8 @@ void CheckWholeVocabulary(const Shape& s, float dloss) {
     EXPECT_TRUE(SameBits(got_x, x)) << "dloss == 0 must leave the logits alone";
     return;
   }
-  const auto prob = ProbScale(AsFloat(x), s.n, s.v, s.valid, dloss);
-  EXPECT_TRUE(GradsClose<T>(AsFloat(got_x), AsFloat(want_x), prob));
+  const auto prob = ProbScale(ToFloats(x), s.n, s.v, s.valid, dloss);
+  EXPECT_TRUE(GradsClose<T>(ToFloats(got_x), ToFloats(want_x), prob));
 
   // Deterministic: a second run gives the same bits.
   std::vector<float> again_loss;
@@ -368,7 +358,7 @@ void CheckVocabParallel(int64_t n, int vocab, int tp, float dloss) {
   std::vector<T> want_x = full;
   std::vector<float> want_loss;
   CpuReference(want_x, want_loss, targets, n, vocab, vocab, dloss);
-  const auto prob = ProbScale(AsFloat(full), n, vocab, vocab, dloss);
+  const auto prob = ProbScale(ToFloats(full), n, vocab, vocab, dloss);
 
   struct ShardDev {
     int64_t lo;
@@ -455,7 +445,7 @@ void CheckVocabParallel(int64_t n, int vocab, int tp, float dloss) {
     }
   }
   if (dloss != 0.f) {
-    EXPECT_TRUE(GradsClose<T>(got_grad, AsFloat(want_x), prob));
+    EXPECT_TRUE(GradsClose<T>(got_grad, ToFloats(want_x), prob));
   }
 }
 
