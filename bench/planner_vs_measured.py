@@ -58,7 +58,9 @@ def measured(build, spec, dp, tp, pp, steps, metrics):
     n = dp * tp * pp
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     threads = max(1, os.cpu_count() // n)
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n),
+    # --bind-to none: Open MPI binds each rank to one core by default (np <= 2), which would
+    # leave a rank's second thread without a core of its own.
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(n),
            f"{build}/bin/strata-worker", "--job", spec, "--dp", str(dp), "--tp", str(tp), "--pp",
            str(pp), "--threads", str(threads), "--max-steps", str(steps), "--metrics", metrics,
            "--log-level", "warn"]

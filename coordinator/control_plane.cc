@@ -58,7 +58,7 @@ TransitionUpdate Update(std::string reason, std::string error) {
 
 }  // namespace
 
-Result<Layout> DataParallelLayout(const proto::JobSpec& spec, int workers) {
+Result<Layout> DataParallelLayout(const proto::JobSpec& spec, int workers, double) {
   const int micro = std::max(1, spec.train().micro_batch());
   const int global = spec.train().global_batch();
   for (int dp = std::min(workers, global / micro); dp >= 1; --dp) {
@@ -75,12 +75,16 @@ Result<Layout> DataParallelLayout(const proto::JobSpec& spec, int workers) {
       workers, micro));
 }
 
-Result<Layout> PlannedLayout(const proto::JobSpec& spec, int workers) {
+Result<Layout> PlannedLayout(const proto::JobSpec& spec, int workers, double worker_flops) {
   // CUDA jobs are planned with the H100 profile (GPU workers report no measured profile yet),
   // CPU jobs with the CPU one.
   Result<DeviceProfile> cpu =
       DeviceProfileByName(spec.resources().device() == "cuda" ? "h100" : "cpu");
   if (cpu.ok()) {
+    if (spec.resources().device() != "cuda" && worker_flops > 0) {
+      cpu->flops = worker_flops;
+      cpu->fp32_flops = worker_flops;
+    }
     Result<PlanRequest> req = PlanRequestFromJob(spec, workers, *cpu);
     if (req.ok()) {
       Result<PlanResult> plan = MakePlan(*req);
@@ -96,6 +100,7 @@ struct ControlPlane::Impl {
     std::shared_ptr<Conn> conn;
     std::string host, device;
     int64_t memory = 0;
+    double gemm_flops = 0;  // measured by the worker at start (0: unknown)
     Clock::time_point last_beat;
     std::string job;  // assigned job ("" idle)
     int64_t generation = 0;
@@ -311,6 +316,7 @@ struct ControlPlane::Impl {
       w.host = hello.host();
       w.device = hello.device();
       w.memory = hello.memory_bytes();
+      w.gemm_flops = hello.gemm_flops();
       w.last_beat = Clock::now();
     }
     if (replaced) Close(replaced);
@@ -399,6 +405,18 @@ struct ControlPlane::Impl {
 
   // ---- scheduling (scheduler thread only, except where noted) ----
 
+  // The slowest measured GEMM rate among `ids` (0 when any is unknown).
+  double SlowestFlops(const std::vector<std::string>& ids) {  // REQUIRES(mu)
+    double slowest = 0;
+    for (const std::string& id : ids) {
+      auto it = workers.find(id);
+      const double f = it == workers.end() ? 0 : it->second.gemm_flops;
+      if (f <= 0) return 0;
+      slowest = slowest == 0 ? f : std::min(slowest, f);
+    }
+    return slowest;
+  }
+
   // Idle workers of the device kind `spec` asks for (resources.device; cpu by default).
   std::vector<std::string> IdleWorkers(const proto::JobSpec& spec) {  // REQUIRES(mu)
     const std::string device =
@@ -415,7 +433,12 @@ struct ControlPlane::Impl {
   Status Assign(const proto::JobRecord& rec, std::vector<std::string> idle, bool resume) {
     const int want = std::max(1, rec.spec().resources().workers());
     if (static_cast<int>(idle.size()) > want) idle.resize(static_cast<size_t>(want));
-    ASSIGN_OR_RETURN(Layout l, options.layout(rec.spec(), static_cast<int>(idle.size())));
+    double flops = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      flops = SlowestFlops(idle);
+    }
+    ASSIGN_OR_RETURN(Layout l, options.layout(rec.spec(), static_cast<int>(idle.size()), flops));
     const int world = l.dp * l.tp * l.pp;
     proto::JobSpec spec = rec.spec();
     spec.mutable_parallel()->set_dp(l.dp);
@@ -565,9 +588,15 @@ struct ControlPlane::Impl {
     if (res.has_scale_up_at_checkpoint() && !res.scale_up_at_checkpoint()) return;
     if (c.world >= std::max(1, res.workers())) return;
     int idle = 0;
+    double flops = 0;
     {
       std::lock_guard<std::mutex> lock(mu);
-      idle = static_cast<int>(IdleWorkers(c.spec).size());
+      std::vector<std::string> pool = IdleWorkers(c.spec);
+      idle = static_cast<int>(pool.size());
+      auto a = active.find(c.job);
+      if (a != active.end())
+        pool.insert(pool.end(), a->second.ranks.begin(), a->second.ranks.end());
+      flops = SlowestFlops(pool);
     }
     if (idle == 0) return;
     Result<proto::JobRecord> rec = store->Get(c.job);
@@ -577,7 +606,7 @@ struct ControlPlane::Impl {
     }
     // Plan from the job as submitted (the assigned spec has this generation's sizes fixed).
     const int available = std::min(std::max(1, res.workers()), c.world + idle);
-    Result<Layout> bigger = options.layout(rec->spec(), available);
+    Result<Layout> bigger = options.layout(rec->spec(), available, flops);
     if (!bigger.ok() || bigger->dp * bigger->tp * bigger->pp <= c.world) return;
     const std::string why = fmt::format(
         "scale-up at checkpoint step {}: {} idle worker(s) give dp {} x tp {} x pp {} instead of "

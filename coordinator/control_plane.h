@@ -36,13 +36,17 @@ class TcpStoreServer;
 
 namespace strata::coordinator {
 
-// Picks a layout for `workers` workers (it may use fewer).
-using LayoutFn = std::function<Result<Layout>(const proto::JobSpec&, int workers)>;
+// Picks a layout for `workers` workers (it may use fewer). `worker_flops`: the slowest of those
+// workers' measured GEMM rate (WorkerHello.gemm_flops; 0 = unknown).
+using LayoutFn =
+    std::function<Result<Layout>(const proto::JobSpec&, int workers, double worker_flops)>;
 // tp = pp = 1 and the largest dp <= workers that divides global_batch / micro_batch.
-Result<Layout> DataParallelLayout(const proto::JobSpec& spec, int workers);
+Result<Layout> DataParallelLayout(const proto::JobSpec& spec, int workers, double worker_flops = 0);
 // The planner (planner.h) for CPU workers — any of dp, tp, pp may change between
 // generations — falling back to DataParallelLayout when it finds nothing.
-Result<Layout> PlannedLayout(const proto::JobSpec& spec, int workers);
+// CPU workers are costed at `worker_flops` when it is known (the rate each worker measured at
+// start with its own thread count), else at the CPU profile's default.
+Result<Layout> PlannedLayout(const proto::JobSpec& spec, int workers, double worker_flops = 0);
 
 struct ControlPlaneOptions {
   std::string listen = "127.0.0.1:0";
