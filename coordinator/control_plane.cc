@@ -359,6 +359,15 @@ struct ControlPlane::Impl {
         if (a == active.end() || a->second.generation != cw.generation() || a->second.recovering) {
           return;  // stale: an older generation's save is never committed
         }
+        const std::vector<std::string>& ranks = a->second.ranks;
+        if (cw.rank() < 0 || cw.rank() >= static_cast<int>(ranks.size()) ||
+            ranks[static_cast<size_t>(cw.rank())] != id) {
+          spdlog::warn(
+              "{}: worker {} reported checkpoint step {} for rank {}, which it does not "
+              "hold; ignored",
+              cw.job_id(), id, cw.step(), cw.rank());
+          return;
+        }
         Active::Pending& p = a->second.checkpoints[cw.step()];
         if (!cw.ok()) {
           p.failed = true;
