@@ -541,11 +541,19 @@ struct ControlPlane::Impl {
                             rec->restarts()));
       return;
     }
-    Result<proto::JobRecord> now =
-        store->Transition(job, proto::JOB_STATE_RECOVERING, Update(why, ""));
-    if (!now.ok()) return;
+    if (EnterRecovering(job, Update(why, ""), why)) {
+      recoveries.fetch_add(1);
+    }
+  }
+
+  // RECOVERING with a new generation: the rendezvous store fences the old one out, its ranks
+  // are aborted, and the scheduler re-plans once they stopped (or exit_wait passed). Used by
+  // failure recovery and by the planned scale-up. False when the transition was refused.
+  bool EnterRecovering(const std::string& job, const TransitionUpdate& update,
+                       const std::string& why) {
+    Result<proto::JobRecord> now = store->Transition(job, proto::JOB_STATE_RECOVERING, update);
+    if (!now.ok()) return false;
     rendezvous->SetMinGeneration(job, now->generation());
-    recoveries.fetch_add(1);
     spdlog::warn("{}: recovering (generation {}): {}", job, now->generation(), why);
     AbortWorkers(job, why);
     std::lock_guard<std::mutex> lock(mu);
@@ -555,6 +563,7 @@ struct ControlPlane::Impl {
     a.deadline = Clock::now() + options.exit_wait;
     a.waiting = false;
     a.checkpoints.clear();
+    return true;
   }
 
   // Writes the manifest of a checkpoint every rank reported durable (the commit), applies the
@@ -624,18 +633,7 @@ struct ControlPlane::Impl {
     TransitionUpdate up = Update(why, "");
     up.count_restart = false;
     up.expected_generation = c.generation;
-    Result<proto::JobRecord> now = store->Transition(c.job, proto::JOB_STATE_RECOVERING, up);
-    if (!now.ok()) return;
-    rendezvous->SetMinGeneration(c.job, now->generation());
-    spdlog::info("{}: {}", c.job, why);
-    AbortWorkers(c.job, why);
-    std::lock_guard<std::mutex> lock(mu);
-    Active& a = active[c.job];
-    a.recovering = true;
-    a.generation = now->generation();
-    a.deadline = Clock::now() + options.exit_wait;
-    a.waiting = false;
-    a.checkpoints.clear();
+    EnterRecovering(c.job, up, why);
   }
 
   void Tick() {

@@ -134,6 +134,24 @@ bool ParseReply(const HttpResponse& res, M* out) {
   return true;
 }
 
+// GETs `target`. Returns the exit code when the command is done — the call failed (its code),
+// the raw JSON was printed (`json`: 0), or the reply did not parse (1) — and nothing when *out
+// holds the parsed reply.
+template <typename M>
+std::optional<int> GetReply(const Common& c, const std::string& target, bool json, M* out) {
+  HttpRequest req;
+  req.target = target;
+  int code = 0;
+  auto res = Call(c, req, &code);
+  if (!res) return code;
+  if (json) {
+    std::printf("%s\n", res->body.c_str());
+    return 0;
+  }
+  if (!ParseReply(*res, out)) return 1;
+  return std::nullopt;
+}
+
 std::string ResolveAgainst(const std::filesystem::path& dir, const std::string& p) {
   if (p.empty() || p.front() == '/') return p;
   return (dir / p).lexically_normal().string();
@@ -227,18 +245,9 @@ int JobsCommand(const std::vector<std::string>& args) {
       return Fail(2, "jobs: unexpected argument '" + c.rest[i] + "'");
     }
   }
-  HttpRequest req;
-  req.target = "/v1/jobs";
-  if (!state.empty()) req.target += "?state=" + state;
-  int code = 0;
-  auto res = Call(c, req, &code);
-  if (!res) return code;
-  if (json) {
-    std::printf("%s\n", res->body.c_str());
-    return 0;
-  }
   proto::ApiJobList list;
-  if (!ParseReply(*res, &list)) return 1;
+  const std::string target = state.empty() ? "/v1/jobs" : "/v1/jobs?state=" + state;
+  if (std::optional<int> done = GetReply(c, target, json, &list)) return *done;
   std::printf("%-12s %-20s %-11s %13s %9s %10s %8s  %s\n", "ID", "NAME", "STATE", "STEP", "LOSS",
               "TOK/S", "RESTARTS", "CREATED");
   for (const proto::ApiJob& j : list.jobs()) {
@@ -257,21 +266,12 @@ int WorkersCommand(const std::vector<std::string>& args) {
     if (a != "--json") return Fail(2, "workers: unexpected argument '" + a + "'");
     json = true;
   }
-  HttpRequest req;
-  req.target = "/v1/workers";
-  int code = 0;
-  auto res = Call(c, req, &code);
-  if (!res) return code;
-  if (json) {
-    std::printf("%s\n", res->body.c_str());
-    return 0;
-  }
   proto::ApiWorkerList list;
-  if (!ParseReply(*res, &list)) return 1;
-  std::printf("%-24s %-16s %-6s %-6s %-12s %s\n", "ID", "HOST", "DEVICE", "STATE", "JOB",
+  if (std::optional<int> done = GetReply(c, "/v1/workers", json, &list)) return *done;
+  std::printf("%-24s %-16s %-6s %-11s %-12s %s\n", "ID", "HOST", "DEVICE", "STATE", "JOB",
               "HEARTBEAT LAG");
   for (const proto::ApiWorker& w : list.workers()) {
-    std::printf("%-24.24s %-16.16s %-6s %-6s %-12s %.2f s\n", w.id().c_str(), w.host().c_str(),
+    std::printf("%-24.24s %-16.16s %-6s %-11s %-12s %.2f s\n", w.id().c_str(), w.host().c_str(),
                 w.device().c_str(), w.state().c_str(),
                 w.job_id().empty() ? "-" : w.job_id().c_str(), w.heartbeat_lag_seconds());
   }
@@ -293,17 +293,8 @@ int StatusCommand(const std::vector<std::string>& args) {
     }
   }
   if (id.empty()) return Fail(2, "status needs a JOB_ID (see strata jobs)");
-  HttpRequest req;
-  req.target = JobPath(id);
-  int code = 0;
-  auto res = Call(c, req, &code);
-  if (!res) return code;
-  if (json) {
-    std::printf("%s\n", res->body.c_str());
-    return 0;
-  }
   proto::ApiJob j;
-  if (!ParseReply(*res, &j)) return 1;
+  if (std::optional<int> done = GetReply(c, JobPath(id), json, &j)) return *done;
   std::printf("id:         %s\nname:       %s\nstate:      %s\n", j.id().c_str(), j.name().c_str(),
               j.state().c_str());
   std::printf("generation: %d\nlayout:     dp=%d tp=%d pp=%d%s\n", j.generation(), j.layout().dp(),
